@@ -1,0 +1,117 @@
+"""lmlab's own model checkpoint: a folder with `model.safetensors` + `config.json` (+ tokenizer files).
+
+The raw module's state dict is saved (never a compiled/DDP wrapper: no `_orig_mod.`/`module.` prefixes),
+tied output weights are stored once, and the folder is written atomically. Loading rebuilds the model
+from config.json and reads weights through safetensors, so nothing in a checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmlab.config import ModelConfig
+from lmlab.errors import CheckpointError
+from lmlab.fileio import atomic_replace_dir
+from lmlab.model import Transformer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw Transformer under torch.compile / DDP / FSDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors of the raw module, tied output weight dropped."""
+    model = unwrap(model)
+    state = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("output.weight", None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(
+    model: nn.Module, directory: str | Path, tokenizer: Any = None, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write model (and tokenizer) to `directory`, atomically replacing any earlier copy."""
+    directory = Path(directory)
+    raw = unwrap(model)
+    state = model_state(raw)
+
+    def build(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "lmlab", **(metadata or {})})
+        raw.config.save(tmp / CONFIG)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    atomic_replace_dir(build, directory)
+    return directory
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file() and _is_lmlab_config(path / CONFIG)
+
+
+def _is_lmlab_config(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "dim" in data and "n_layers" in data  # HF configs say hidden_size / num_hidden_layers
+
+
+def load_state_into(
+    model: Transformer, state: dict[str, torch.Tensor], source: str, strict: bool = True, assign: bool = False
+) -> None:
+    """Copy `state` into `model`, with errors that name the file and the mismatching tensors.
+
+    `assign=True` adopts the given tensors instead of copying (a model built on the meta device).
+    """
+    own = model.state_dict()
+    if model.config.tie_embeddings:
+        own.pop("output.weight", None)
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{source}: weights do not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False, assign=assign)
+
+
+def load_checkpoint(
+    directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
+    """Rebuild the model from config.json and fill it from model.safetensors (dtype None: as stored)."""
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG}; expected an lmlab checkpoint folder")
+    config = ModelConfig.load(directory / CONFIG)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / WEIGHTS}: not found") from None
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{directory / WEIGHTS}: unreadable or truncated safetensors file ({err})") from None
+    from lmlab.weights import build_model  # lazy: lmlab.weights imports this module
+
+    return build_model(config, state, str(directory / WEIGHTS), device=device, dtype=dtype)

@@ -1,0 +1,47 @@
+"""`lmlab evaluate`: validation loss/perplexity of every checkpoint of a run, or the long-context
+(attention-sink) comparison of the runs in a folder (see lmlab/evaluate.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="validation loss of every checkpoint of a run (CSV + plot), or --long-context",
+        description="Score every checkpoint of RUN_DIR on the run's own validation split -> "
+        "RUN_DIR/eval/checkpoints.csv and .png. With --long-context F, DIR may be a run or a sweep "
+        "folder: each run is scored at F x its trained context (loss by position) and sampled that far.",
+    )
+    p.add_argument("folder", help="a run folder (or, with --long-context, a sweep folder)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--max-batches", type=int, default=0, help="validation batches per checkpoint (0 = the run's)")
+    p.add_argument("--long-context", type=int, default=0, metavar="F", help="score F x the trained context")
+    p.add_argument("--windows", type=int, default=8, help="long windows to average (with --long-context)")
+    p.add_argument("--prompt", default="The", help="generation prompt (with --long-context)")
+    p.add_argument("--out", default="", help="output folder for --long-context (default FOLDER/eval)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmlab import evaluate
+    from lmlab.errors import DataError
+
+    folder = Path(args.folder)
+    if args.long_context:
+        runs = [folder] if evaluate.checkpoint_dirs(folder) else sorted(
+            d for d in folder.iterdir() if d.is_dir() and evaluate.checkpoint_dirs(d))
+        if not runs:
+            raise DataError(f"{folder}: no run with checkpoints (a run folder or a folder of runs)")
+        paths = evaluate.long_context_eval(runs, args.out or folder / "eval", args.long_context, args.windows,
+                                           args.prompt, device=args.device)
+        print(next(p for p in paths if p.suffix == ".md").read_text())
+    else:
+        paths = evaluate.evaluate_run(folder, args.device, args.dtype, args.max_batches)
+        print(paths[0].read_text())
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,45 @@
+"""`lmlab perplexity`: sliding-window perplexity of any loadable model on a text file (see lmlab/evaluate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "perplexity",
+        help="sliding-window perplexity of a model on a text/JSONL/CSV file",
+        description="Hugging Face 'perplexity of fixed-length models' method: windows of --context tokens "
+        "every --stride tokens, each scoring only tokens not scored before.",
+    )
+    p.add_argument("model", help="a model name (e.g. smollm2-135m-instruct), checkpoint folder, GGUF, llama2.c .bin or HF folder")
+    p.add_argument("--data", required=True, help="text file; .jsonl/.json use --field, .csv uses column 'text'")
+    p.add_argument("--field", default="text", help="JSONL/JSON field holding the text")
+    p.add_argument("--context", type=int, default=0, help="window length (default: the model's context, at most 1024)")
+    p.add_argument("--stride", type=int, default=0, help="tokens between window starts (default context/2)")
+    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmlab.evaluate import model_perplexity
+
+    result, info = model_perplexity(
+        args.model, args.data, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, field=args.field, device=args.device, dtype=args.dtype, progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps({**info, "nll": result.nll, "ppl": result.ppl, "n_tokens": result.n_tokens,
+                          "n_windows": result.n_windows, "context": result.context, "stride": result.stride,
+                          "seconds": result.seconds}))
+    else:
+        print(f"{info['model']} on {info['data']}: perplexity {result.ppl:.3f} (nll {result.nll:.4f}) over "
+              f"{result.n_tokens:,} tokens, {result.n_windows} windows, context {result.context}, "
+              f"stride {result.stride}, {info['dtype']} on {info['device']}, {result.seconds:.1f} s "
+              f"({result.tokens_per_s:,.0f} tokens/s)")
+    return 0

@@ -1,0 +1,68 @@
+"""`lmlab tokenizer train|encode|decode|info`: train a tokenizer, or look at what one does to text."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("tokenizer", help="train a tokenizer, encode or decode text")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    train = sub.add_parser("train", help="train byte-level BPE (or a character vocabulary) on text files")
+    train.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE", help="UTF-8 text files")
+    train.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, specials included")
+    train.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to save the tokenizer into")
+    train.add_argument("--kind", choices=("bpe", "char"), default="bpe")
+    train.set_defaults(func=_train)
+
+    encode = sub.add_parser("encode", help="print the ids of --text, space-separated")
+    encode.add_argument("tokenizer", help="tokenizer file or folder (.model, .bin, .gguf, tokenizer.json, ...)")
+    encode.add_argument("--text", required=True)
+    encode.add_argument("--bos", action="store_true", help="prepend the BOS id")
+    encode.add_argument("--eos", action="store_true", help="append the EOS id")
+    encode.set_defaults(func=_encode)
+
+    decode = sub.add_parser("decode", help="print the text of --ids")
+    decode.add_argument("tokenizer")
+    decode.add_argument("--ids", nargs="+", required=True, help="ids, space- or comma-separated")
+    decode.set_defaults(func=_decode)
+
+    info = sub.add_parser("info", help="print the kind, vocabulary size and special ids")
+    info.add_argument("tokenizer")
+    info.set_defaults(func=_info)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from lmlab.tokenization import train_tokenizer
+
+    tok = train_tokenizer(args.input, args.out, kind=args.kind, vocab_size=args.vocab_size)
+    print(f"saved {tok.kind} tokenizer with {tok.vocab_size} tokens to {args.out}")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from lmlab.tokenization import load_tokenizer
+
+    ids = load_tokenizer(args.tokenizer).encode(args.text, bos=args.bos, eos=args.eos)
+    print(" ".join(map(str, ids)))
+
+
+def _decode(args: argparse.Namespace) -> None:
+    from lmlab.errors import DataError
+    from lmlab.tokenization import load_tokenizer
+
+    try:
+        ids = [int(x) for part in args.ids for x in part.replace(",", " ").split()]
+    except ValueError as err:
+        raise DataError(f"--ids: expected integers ({err})") from None
+    print(load_tokenizer(args.tokenizer).decode(ids))
+
+
+def _info(args: argparse.Namespace) -> None:
+    from lmlab.tokenization import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    print(f"kind={tok.kind} vocab_size={tok.vocab_size} bos_id={tok.bos_id} eos_id={tok.eos_id} "
+          f"pad_id={tok.pad_id} add_bos={tok.add_bos} stop_ids={sorted(tok.stop_ids)} "
+          f"chat_template={'yes' if tok.chat_template else 'no'}")

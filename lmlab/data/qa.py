@@ -1,0 +1,101 @@
+"""Question answering data as instruction records (seed 004): multiple choice and short answer.
+
+MCQ: MMLU (headerless CSV `question,A,B,C,D,answer`, one file per subject, Hendrycks et al. 2021) and
+ARC-Challenge (JSONL, `question.stem`, `question.choices[{label,text}]`, `answerKey`; Clark et al. 2018).
+The prompt lists lettered options; the answer is one letter. SAQ: NaturalQuestions-open (JSONL
+`{question, answer: [str, ...]}`; Lee et al. 2019): the answer is a short span, any reference counts.
+Each record carries `task`, `source`, `answers` (all references) and `choices` for evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from lmlab.data.instruct import Record
+from lmlab.errors import DataError
+
+LETTERS = "ABCDEFGHIJ"
+MCQ_INSTRUCTION = "Answer the following multiple choice question with the letter of the correct option only."
+SAQ_INSTRUCTION = "Answer the question with a short answer of a few words, without explanation."
+
+
+def mcq_instruction(question: str, choices: list[str]) -> str:
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return f"{MCQ_INSTRUCTION}\n\nQuestion: {question.strip()}\n{options}"
+
+
+def saq_instruction(question: str) -> str:
+    q = question.strip()
+    return f"{SAQ_INSTRUCTION}\n\nQuestion: {q if q.endswith('?') else q + '?'}"
+
+
+def _mcq(question: str, choices: list[str], answer: str, source: str, where: str) -> Record:
+    if answer not in LETTERS[: len(choices)]:
+        raise DataError(f"{where}: answer {answer!r} is not one of the option letters {LETTERS[:len(choices)]}")
+    return {"instruction": mcq_instruction(question, choices), "input": "", "output": answer, "task": "mcq",
+            "source": source, "answers": [answer], "choices": choices}
+
+
+def read_mmlu(path: str | Path) -> list[Record]:
+    """A subject CSV, or a folder of them (sorted, so the order never depends on the file system)."""
+    path = Path(path)
+    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+    if not files or not files[0].is_file():
+        raise DataError(f"{path}: no MMLU .csv file found")
+    out = []
+    for f in files:
+        with open(f, newline="", encoding="utf-8") as fh:
+            for i, row in enumerate(csv.reader(fh)):
+                if len(row) != 6:
+                    raise DataError(f"{f}: row {i + 1}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
+                out.append(_mcq(row[0], row[1:5], row[5].strip(), "mmlu", f"{f}: row {i + 1}"))
+    return out
+
+
+def read_arc(path: str | Path) -> list[Record]:
+    """ARC JSONL; options are relabelled A, B, ... in their given order."""
+    out = []
+    for i, row in enumerate(_jsonl(path)):
+        where = f"{path}: line {i + 1}"
+        try:
+            choices = row["question"]["choices"]
+            labels = [c["label"] for c in choices]
+            answer = LETTERS[labels.index(row["answerKey"])]
+            out.append(_mcq(row["question"]["stem"], [c["text"] for c in choices], answer, "arc", where))
+        except (KeyError, ValueError, TypeError) as err:
+            raise DataError(f"{where}: not an ARC record ({err})") from None
+    return out
+
+
+def mcq_records(path: str | Path) -> list[Record]:
+    """MMLU (a .csv or a folder of them) or ARC (.jsonl), by the path."""
+    return read_arc(path) if str(path).endswith(".jsonl") else read_mmlu(path)
+
+
+def saq_records(path: str | Path) -> list[Record]:
+    """NQ-open JSONL: the first reference is the training target; all count at evaluation."""
+    out = []
+    for i, row in enumerate(_jsonl(path)):
+        answers = row.get("answer") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or "question" not in row or not answers or not isinstance(answers, list):
+            raise DataError(f"{path}: line {i + 1}: expected {{question, answer: [str, ...]}}")
+        out.append({"instruction": saq_instruction(row["question"]), "input": "", "output": answers[0],
+                    "task": "saq", "source": "nq", "answers": answers, "question": row["question"]})
+    return out
+
+
+def _jsonl(path: str | Path) -> list[dict]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    rows = []
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {i + 1}: not valid JSON ({err})") from None
+    return rows

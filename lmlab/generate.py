@@ -1,0 +1,169 @@
+"""Autoregressive generation over token ids, with a KV cache and batches of different lengths.
+
+`generate_ids` knows token ids only: prompts are left-padded into one batch (with an attention mask, so
+every row gives the same tokens as it would alone), prefilled once, then decoded one token per step
+through the preallocated cache. `generate` adds text: tokenizer, chat template, stop strings, streaming.
+Past the trained context, models with attention sinks keep decoding through the streaming cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmlab.kv_cache import KVCache
+from lmlab.model import Transformer
+from lmlab.sampling import SamplingConfig, sample_next
+
+
+@dataclass
+class GenerationConfig:
+    """What to generate and when to stop."""
+
+    max_new_tokens: int = 128
+    """Upper bound on generated tokens per prompt."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Temperature, top-k, top-p, min-p, epsilon, repetition penalty."""
+    stop_ids: tuple[int, ...] = ()
+    """Token ids that end a sequence (the tokenizer's EOS / end-of-turn ids are added by `generate`)."""
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end a sequence; the output is cut before them."""
+    seed: int | None = None
+    """Seed of the sampling generator: the same seed reproduces the same samples."""
+
+
+TokenCallback = Callable[[int, int], None]  # (row, token id)
+
+
+def _prefill_chunk(model: Transformer, cache: KVCache) -> int | None:
+    """Largest prompt chunk the cache accepts at once (streaming caches evict between chunks)."""
+    return cache.capacity - cache.sinks if cache.streaming else None
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    *,
+    pad_id: int = 0,
+    on_token: TokenCallback | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (stop ids excluded).
+
+    `on_token(row, id)` is called for each accepted token (streaming); `should_stop(row, new_ids)`
+    lets the caller end a row early (stop strings).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):  # left padding: every row's last token is at the same index
+        tokens[i, longest - len(p) :] = torch.tensor(list(p))
+        mask[i, longest - len(p) :] = True
+    tokens, mask = tokens.to(device), mask.to(device)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    cache = KVCache(model.config, B, longest + cfg.max_new_tokens, device=device, dtype=dtype)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    seen = None
+    if cfg.sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, tokens, mask)
+
+    logits = _prefill(model, cache, tokens, mask)
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    rows = list(range(B))  # original index of each live batch row
+    stop = torch.tensor(sorted(set(cfg.stop_ids)) or [-1], device=device)
+    for _ in range(cfg.max_new_tokens):
+        next_ids = sample_next(logits[:, -1], cfg.sampling, generator, seen)
+        ended = torch.isin(next_ids, stop)
+        ids = next_ids.tolist()
+        keep = []
+        for j, row in enumerate(rows):
+            if not ended[j]:
+                outputs[row].append(ids[j])
+                if on_token:
+                    on_token(row, ids[j])
+                if not (should_stop and should_stop(row, outputs[row])):
+                    keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # drop finished rows so they cost nothing more
+            index = torch.tensor(keep, device=device)
+            cache.reorder(index)
+            next_ids = next_ids[index]
+            seen = seen[index] if seen is not None else None
+            rows = [rows[j] for j in keep]
+        if seen is not None:
+            seen.scatter_(1, next_ids[:, None], True)
+        logits = model(next_ids[:, None], cache=cache, last_only=True)
+    return outputs
+
+
+def _prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    chunk = _prefill_chunk(model, cache) or tokens.shape[1]
+    for start in range(0, tokens.shape[1], chunk):
+        logits = model(tokens[:, start : start + chunk], mask[:, start : start + chunk], cache=cache, last_only=True)
+    return logits
+
+
+TextCallback = Callable[[int, str], None]  # (row, new text)
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+    """Prompt text -> ids: the chat template for instruct models, BOS where the model expects one."""
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tokenizer.encode(prompt, bos=bool(tokenizer.add_bos and tokenizer.bos_id is not None))
+    if not ids:  # the empty prompt starts from BOS (llama2.c's unconditional sampling)
+        ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]
+    return ids
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cuts = [i for s in stop_strings if (i := text.find(s)) >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def generate(
+    model: Transformer,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: GenerationConfig,
+    *,
+    chat: bool = False,
+    system: str | None = None,
+    stream: TextCallback | None = None,
+) -> list[str]:
+    """Generated text for each prompt (stop strings and stop tokens excluded)."""
+    from lmlab.tokenization import StreamDecoder
+
+    ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
+    stop_ids = tuple(set(cfg.stop_ids) | set(tokenizer.stop_ids))
+    cfg = GenerationConfig(cfg.max_new_tokens, cfg.sampling, stop_ids, tuple(cfg.stop_strings), cfg.seed)
+    decoders = [StreamDecoder(tokenizer) for _ in prompts]
+    texts = ["" for _ in prompts]
+
+    def on_token(row: int, token: int) -> None:
+        piece = decoders[row].put(token)
+        texts[row] += piece
+        if stream and piece:
+            stream(row, piece)
+
+    def should_stop(row: int, _new: list[int]) -> bool:
+        return cut_at_stop(texts[row], cfg.stop_strings)[1]
+
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    outputs = generate_ids(
+        model, ids, cfg, pad_id=pad, on_token=on_token, should_stop=should_stop if cfg.stop_strings else None
+    )
+    return [cut_at_stop(tokenizer.decode(out), cfg.stop_strings)[0] for out in outputs]

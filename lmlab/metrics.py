@@ -1,0 +1,82 @@
+"""Generation metrics: accuracy, SQuAD exact match and token F1, ROUGE, GSM8K final-answer match.
+
+EM/F1 follow the official SQuAD v1.1 script (Rajpurkar et al. 2016): lower-case, drop punctuation and
+the articles a/an/the, collapse whitespace; F1 over bags of tokens (an answer that normalizes to nothing
+scores 1 only against an empty reference, the SQuAD v2.0 rule); the best score over all references.
+ROUGE-1/2/L (Lin 2004) is Google's `rouge-score` package (the reference implementation behind most
+papers' numbers) with the Porter stemmer, F-measure, best over references.
+GSM8K: the number after `####` if present, else the last number in the text (commas, `$`, a trailing
+`.0` ignored), compared as numbers.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def accuracy(predictions: Sequence[object], references: Sequence[object]) -> float:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lower, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+    """Best bag-of-tokens F1 against any reference."""
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for ref in references:
+        gold = normalize_answer(ref).split()
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+        elif common:
+            p, r = common / len(pred), common / len(gold)
+            best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (x100), each prediction against its best reference."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = Counter()
+    for pred, refs in zip(predictions, references, strict=True):
+        scores = [scorer.score(ref, pred) for ref in refs]
+        for key in ("rouge1", "rouge2", "rougeL"):
+            totals[key] += max(s[key].fmeasure for s in scores)
+    return {k: 100 * totals[k] / max(len(predictions), 1) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def extract_number(text: str) -> str | None:
+    """GSM8K final answer: after the last `####`, else the last number in the text; canonical form."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    value = found[0] if "####" in text else found[-1]
+    value = value.replace(",", "").replace("$", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def gsm8k_match(prediction: str, reference: str) -> float:
+    got, want = extract_number(prediction), extract_number(reference)
+    return float(got is not None and got == want)

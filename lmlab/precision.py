@@ -1,0 +1,132 @@
+"""Device and dtype policy in one place (nanoGPT `train.py`, torchtune `training/precision.py`).
+
+Weights and optimizer state stay fp32; `bf16`/`fp16` mean autocast regions for the forward pass.
+bf16 works on CPU and CUDA (on this kind of CPU its matmuls run ~2.2x faster than fp32); fp16 needs a
+GradScaler (its range is too small for raw gradients) and is CUDA-only. Unsupported combinations are
+rejected before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from lmlab.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# dense matmul peaks (FLOP/s) of common accelerators, for MFU; CPU peaks are measured instead
+_GPU_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+              "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+              "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto -> cuda when available, else cpu. Asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"precision.device={name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"precision.device={name!r}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"precision.device={name!r}: only cpu and cuda are supported")
+    return device
+
+
+@dataclass
+class Precision:
+    """Resolved device + autocast dtype, with the gradient scaler when fp16 needs one."""
+
+    device: torch.device
+    dtype_name: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype_name not in DTYPES:
+            raise ConfigError(f"precision.dtype={self.dtype_name!r}: expected one of {sorted(DTYPES)}")
+        if self.dtype_name == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision.dtype=fp16 needs CUDA (GradScaler); use bf16 on CPU")
+        if self.dtype_name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("precision.dtype=bf16: this GPU has no bf16 support; use fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype_name == "fp16" else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward-pass context: autocast for bf16/fp16, nothing for fp32."""
+        if self.dtype_name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_flops(device: torch.device, dtype_name: str) -> float:
+    """Matmul peak (FLOP/s) for MFU: a table for known GPUs, a short measurement otherwise."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in _GPU_PEAKS.items():
+            if key in name:
+                return peaks[dtype_name]
+    return measure_matmul_peak(device.type, dtype_name)
+
+
+@lru_cache(maxsize=None)
+def measure_matmul_peak(device_type: str = "cpu", dtype_name: str = "fp32", n: int = 1024, seconds: float = 0.3) -> float:
+    """Best observed FLOP/s of an n x n matmul in `dtype` (the machine's practical peak)."""
+    dtype = DTYPES[dtype_name]
+    a = torch.randn(n, n, device=device_type).to(dtype)
+    b = torch.randn(n, n, device=device_type).to(dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    for i in range(1000):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+        if i >= 3 and time.perf_counter() > deadline:
+            break
+    return best
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX): then bf16 weights are the fast inference choice."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def inference_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """Weights dtype for inference: `auto` = bf16 where the hardware does bf16 natively, else fp32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ConfigError(f"dtype={name!r}: expected auto or one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32

@@ -1,0 +1,209 @@
+"""QA inference with task adapters (seed 004): stop strings, a validator per task, retry, routing.
+
+One base model is loaded once; each task's LoRA adapter is added to it by name (lmlab/lora.py) and the
+router activates the right one per request (`set_active_adapter`, no reload). Generation goes through
+`lmlab.generate.generate` only. An output the task's validator rejects is generated again, up to
+`max_retries` times, with a new seed and a higher temperature (greedy output cannot change on retry).
+
+The zero-shot MCQ baseline needs no generation: the option letter with the highest next-token
+log-probability after the prompt is the answer (as lm-evaluation-harness scores MMLU), with every
+adapter switched off.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.data.instruct import Record, Template
+from lmlab.data.qa import LETTERS
+from lmlab.errors import ConfigError
+
+Validator = Callable[[str, Record], "str | None"]  # raw output -> cleaned answer, or None if invalid
+_LETTER = re.compile(r"^\(?([A-J])[\.\):]?$")
+PREAMBLES = ("the answer is", "answer:", "i think", "i believe", "sure", "as an ai", "i'm not sure",
+             "i am not sure", "i don't know", "here is", "the correct answer")
+
+
+def validate_mcq(text: str, record: Record) -> str | None:
+    """A single option letter (a trailing '.', ')' or ':' and surrounding spaces are tolerated)."""
+    m = _LETTER.match(text.strip())
+    n = len(record.get("choices") or "ABCD")
+    return m.group(1) if m and m.group(1) in LETTERS[:n] else None
+
+
+def validate_saq(text: str, record: Record, max_words: int = 10) -> str | None:
+    """A short answer: one line, at most `max_words` words, no preamble ("The answer is ...")."""
+    answer = text.strip().rstrip(".").strip()
+    if not answer or "\n" in answer or len(answer.split()) > max_words:
+        return None
+    if answer.lower().startswith(PREAMBLES):
+        return None
+    return answer
+
+
+@dataclass
+class TaskSpec:
+    """How one task is asked and checked."""
+
+    adapter: str | None
+    """LoRA adapter to activate (None = the base model alone)."""
+    validator: Validator
+    """Accepts or rejects an output."""
+    max_new_tokens: int = 16
+    """Short answers need few tokens; a long ramble is cut (and then rejected)."""
+    stop_strings: tuple[str, ...] = ("\n",)
+    """Generation stops at the first of these (the output is cut before it)."""
+
+
+TASKS: dict[str, TaskSpec] = {
+    "mcq": TaskSpec("mcq", validate_mcq, max_new_tokens=4),
+    "saq": TaskSpec("saq", validate_saq, max_new_tokens=16),
+}
+
+
+@dataclass
+class Answer:
+    """One request's result."""
+
+    text: str
+    """The validated answer, or the last raw output when no attempt was valid."""
+    valid: bool
+    attempts: int
+    """Generations it took (1 = valid at once)."""
+    raw: list[str] = field(default_factory=list)
+
+
+def answer_with_retry(model: nn.Module, tokenizer: Any, records: Sequence[Record], spec: TaskSpec,
+                      template: Template, *, max_retries: int = 2, seed: int = 0,
+                      retry_temperature: float = 0.7, top_p: float = 0.9) -> list[Answer]:
+    """Greedy first; rows whose output fails the validator are sampled again (new seed, temperature
+    retry_temperature * attempt) until valid or `max_retries` retries are spent."""
+    from lmlab.generate import GenerationConfig, generate
+    from lmlab.sampling import SamplingConfig
+
+    prompts = [template.prompt(r, tokenizer) for r in records]
+    results = [Answer("", False, 0) for _ in records]
+    todo = list(range(len(records)))
+    for attempt in range(max_retries + 1):
+        if not todo:
+            break
+        sampling = SamplingConfig(temperature=0.0) if attempt == 0 else \
+            SamplingConfig(temperature=retry_temperature * attempt, top_p=top_p)
+        gen = GenerationConfig(spec.max_new_tokens, sampling, stop_strings=spec.stop_strings, seed=seed + attempt)
+        outputs = generate(model, tokenizer, [prompts[i] for i in todo], gen)
+        still = []
+        for i, out in zip(todo, outputs):
+            cleaned = spec.validator(out, records[i])
+            res = results[i]
+            res.attempts, res.raw = attempt + 1, res.raw + [out]
+            res.valid, res.text = cleaned is not None, cleaned if cleaned is not None else out.strip()
+            if cleaned is None:
+                still.append(i)
+        todo = still
+    return results
+
+
+class Router:
+    """Picks the task (declared, or by rule) for each request and answers it with that task's adapter,
+    on one loaded base model."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, template: Template,
+                 tasks: dict[str, TaskSpec] | None = None, max_retries: int = 2) -> None:
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.tasks, self.max_retries = dict(tasks or TASKS), max_retries
+
+    @staticmethod
+    def rule(record: Record) -> str:
+        """No declared task: options (a `choices` list, or lines 'A. ...' 'B. ...') mean MCQ, else SAQ."""
+        if record.get("choices") or re.search(r"^A[\.\)] .+\n^B[\.\)] ", record["instruction"], re.M):
+            return "mcq"
+        return "saq"
+
+    def route(self, record: Record) -> str:
+        task = record.get("task") or self.rule(record)
+        if task not in self.tasks:
+            raise ConfigError(f"request task {task!r}: no such task; known: {sorted(self.tasks)}")
+        return task
+
+    def answer(self, records: Sequence[Record], seed: int = 0) -> list[tuple[str, Answer]]:
+        """(task, answer) per request, in order; requests are grouped per adapter."""
+        from lmlab.lora import set_active_adapter
+
+        routed = [self.route(r) for r in records]
+        out: list[tuple[str, Answer] | None] = [None] * len(records)
+        for task in dict.fromkeys(routed):
+            spec = self.tasks[task]
+            set_active_adapter(self.model, spec.adapter)
+            idx = [i for i, t in enumerate(routed) if t == task]
+            answers = answer_with_retry(self.model, self.tokenizer, [records[i] for i in idx], spec, self.template,
+                                        max_retries=self.max_retries, seed=seed)
+            for i, a in zip(idx, answers):
+                out[i] = (task, a)
+        return out  # type: ignore[return-value]
+
+
+def load_router(base: str, adapters: dict[str, str | Path], template: Template | None = None,
+                device: str = "cpu", max_retries: int = 2) -> Router:
+    """Load `base` once and add each saved adapter (lmlab or peft folder) under its task name."""
+    from lmlab.adapters import load_adapter
+    from lmlab.loading import load_model
+
+    loaded = load_model(base, device=device)
+    for task, folder in adapters.items():
+        load_adapter(loaded.model, folder, name=task)
+    tasks = {t: TaskSpec(t if t in adapters else None, s.validator, s.max_new_tokens, s.stop_strings)
+             for t, s in TASKS.items()}
+    return Router(loaded.model, loaded.tokenizer, template or Template("chat"), tasks, max_retries)
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring
+
+
+@torch.no_grad()
+def letter_logprob_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record], template: Template,
+                           batch_size: int = 8) -> list[str]:
+    """Zero-shot MCQ: the option letter whose token is most likely right after the prompt."""
+    from lmlab.generate import encode_prompt
+
+    letter_ids = [tokenizer.encode(ch)[0] for ch in LETTERS]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    device = next(model.parameters()).device
+    preds = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start: start + batch_size]
+        ids = [encode_prompt(tokenizer, template.prompt(r, tokenizer)) for r in chunk]
+        T = max(len(x) for x in ids)
+        tokens = torch.full((len(ids), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.bool)
+        for i, x in enumerate(ids):  # left padding: the last position is every row's next token
+            tokens[i, T - len(x):], mask[i, T - len(x):] = torch.tensor(x), True
+        logits = model(tokens.to(device), mask.to(device), last_only=True)[:, -1].float()
+        for row, rec in zip(logits, chunk):
+            n = len(rec.get("choices") or "ABCD")
+            preds.append(LETTERS[int(row[letter_ids[:n]].argmax())])
+    return preds
+
+
+def score(task: str, records: Sequence[Record], answers: Sequence[Answer]) -> dict[str, float]:
+    """Accuracy (MCQ) or EM/F1 (SAQ), plus the share that needed a retry and the share left invalid."""
+    from lmlab.metrics import exact_match, token_f1
+
+    n = max(len(records), 1)
+    out = {"n": len(records), "valid_first_try": sum(a.attempts == 1 and a.valid for a in answers) / n,
+           "valid_after_retry": sum(a.valid for a in answers) / n,
+           "needed_retry": sum(a.attempts > 1 for a in answers) / n,
+           "invalid": sum(not a.valid for a in answers) / n}
+    if task == "mcq":
+        out["accuracy"] = sum(a.valid and a.text == r["output"] for r, a in zip(records, answers)) / n
+    else:
+        out["exact_match"] = sum(exact_match(a.text, r["answers"]) for r, a in zip(records, answers)) / n
+        out["f1"] = sum(token_f1(a.text, r["answers"]) for r, a in zip(records, answers)) / n
+    return out

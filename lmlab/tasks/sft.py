@@ -1,0 +1,327 @@
+"""Supervised instruction fine-tuning with LoRA (`lmlab sft RECIPE.yaml [a.b=c ...]`), seed 000's recipe.
+
+setup (config, model, records -> seeded 5:1:1 split -> response-masked examples) -> perplexity before
+-> LoRA -> `fit` (lmlab/trainer.py, the one loop) with the response-only loss -> perplexity after ->
+samples for novel instructions -> adapter saved (lmlab + peft format) under the run folder by name.
+QA, summarization and math adapters are this same path with another `data.source` (recipes/qa/...).
+
+Run folder: config.yaml, metrics.jsonl, summary.json (perplexities, time, peak memory, data counts),
+samples.md, adapters/<name>/ (lmlab) and adapters/<name>-peft/ (peft's adapter_model.safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmlab.data.instruct import (
+    ALPACA_MARKER, Example, InstructBatches, Record, Template, encode_examples, eval_batches, read_alpaca,
+    split_records,
+)
+from lmlab.errors import ConfigError
+from lmlab.losses import IGNORE_INDEX, Batch, _unwrap
+from lmlab.lora import LoRAConfig
+from lmlab.runconfig import LoggingSection, PrecisionSection, ScheduleSection, load_config, save_config
+from lmlab.tasks.classify_config import ModelSection
+
+NOVEL_INSTRUCTIONS = [  # seed 000's out-of-distribution checks
+    "Write a haiku about autumn leaves.",
+    "Tell me a riddle and then give its answer.",
+    "Write a short travel guide for a first-time visitor to Tokyo.",
+    "Is 97 a prime number? Explain your reasoning.",
+    "Translate into French: 'Where is the nearest train station?'",
+]
+
+
+@dataclass
+class InstructDataSection:
+    """Where the records come from, how they are split and templated."""
+
+    source: Literal["alpaca", "mcq", "saq", "dialogsum", "gsm8k", "sst2"] = "alpaca"
+    """Reader: alpaca JSON/JSONL; mcq (MMLU csv folder / ARC jsonl); saq (NQ-open jsonl); dialogsum; gsm8k;
+    sst2 (an SST-5 `LABEL ||| text` file, neutral dropped)."""
+    paths: list[str] = field(default_factory=list)
+    """Data files (records of all are pooled before the split)."""
+    test_paths: list[str] = field(default_factory=list)
+    """Separate test files (e.g. GSM8K test.jsonl); when set they replace the split's test part."""
+    split: list[int] = field(default_factory=lambda: [5, 1, 1])
+    """train : validation : test ratios (seed 000: 10k/2k/2k of a seeded subset)."""
+    split_seed: int = 42
+    """Seed of the shuffle before the split."""
+    subset: int = 0
+    """Keep this many shuffled records before splitting (0 = all)."""
+    max_train: int = 0
+    """Cap on training examples after the split (0 = all): CPU-sized runs."""
+    max_eval: int = 0
+    """Cap on validation and test examples (0 = all)."""
+    template: Literal["alpaca", "chat", "custom"] = "alpaca"
+    """Prompt format: Stanford Alpaca's, the model's chat template, or custom_template."""
+    custom_template: str = ""
+    """With template=custom: text with {instruction}, optional {input}, ending with response_marker."""
+    response_marker: str = ALPACA_MARKER
+    """Text after which the response starts (checked in custom templates)."""
+    system: str = ""
+    """System message for the chat template (empty = the template's default)."""
+    max_len: int = 512
+    """Tokens per example; prompts this long are skipped, long responses cut (both counted)."""
+    packing: bool = False
+    """Pack examples into rows of max_len tokens instead of padding each micro-batch."""
+
+
+@dataclass
+class SFTTrainSection:
+    """Loop length and batch geometry (seed 000: 3 epochs, micro-batch 4 with accumulation)."""
+
+    epochs: float = 3.0
+    """Passes over the training split."""
+    max_steps: int = 0
+    """Optimizer steps; 0 = derive from epochs."""
+    batch_size: int = 4
+    """Examples per micro-batch."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step (token-weighted)."""
+    grad_clip: float = 1.0
+    """Max gradient L2 norm; 0 = none."""
+    eval_every: int = 0
+    """Validation loss every N steps (and at the end); 0 = only at the end."""
+    seed: int = 42
+    """Seeds LoRA init, dropout and batch order."""
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+
+
+@dataclass
+class SFTOptimSection:
+    """AdamW over the adapter weights only."""
+
+    lr: float = 2e-4
+    """Peak learning rate (typical for LoRA; seed 000)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam beta1, beta2."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on the adapter matrices."""
+
+
+@dataclass
+class SFTEvalSection:
+    """What is measured before and after tuning."""
+
+    perplexity: bool = True
+    """Plain and conditional (response | instruction) perplexity on the test split, before and after."""
+    batch_size: int = 8
+    """Examples per evaluation forward pass."""
+    instructions: list[str] = field(default_factory=lambda: list(NOVEL_INSTRUCTIONS))
+    """Novel instructions to answer after tuning (empty = none)."""
+    max_new_tokens: int = 128
+    """Tokens generated per instruction."""
+    temperature: float = 0.7
+    """Sampling temperature for the samples (seed 000: 0.7)."""
+    top_p: float = 0.9
+    """Nucleus mass for the samples (seed 000: 0.9)."""
+
+
+@dataclass
+class SFTConfig:
+    """A LoRA instruction-tuning run (`lmlab sft`)."""
+
+    out_dir: str = "runs/sft"
+    """Run folder."""
+    adapter: str = ""
+    """Adapter (task) name: adapters/<name>/ in the run folder; empty = data.source."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """Base model (any lmlab.loading spec)."""
+    data: InstructDataSection = field(default_factory=InstructDataSection)
+    """Records, split and template."""
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=16, alpha=32.0, dropout=0.05))
+    """Adapter shape (seed 000: r 16, alpha 32, dropout 0.05, q and v)."""
+    train: SFTTrainSection = field(default_factory=SFTTrainSection)
+    """Epochs and batches."""
+    optim: SFTOptimSection = field(default_factory=SFTOptimSection)
+    """Optimizer."""
+    schedule: ScheduleSection = field(default_factory=lambda: ScheduleSection(warmup_steps=10))
+    """Learning-rate schedule."""
+    precision: PrecisionSection = field(default_factory=lambda: PrecisionSection(dtype="bf16"))
+    """Device and autocast dtype."""
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    """metrics.jsonl cadence, progress bar."""
+    eval: SFTEvalSection = field(default_factory=SFTEvalSection)
+    """Perplexity and samples."""
+    export_peft: bool = True
+    """Also write the adapter in the peft format (adapters/<name>-peft/)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# loss and perplexity
+
+
+def response_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """`lm_loss` (summed NLL, count) computing the vocabulary projection only where labels count.
+
+    Same value as lmlab.losses.lm_loss; with prompt masking most positions need no logits, and the
+    49k-wide projection is a fifth of a SmolLM2 forward pass.
+    """
+    hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_hidden=True)
+    keep = batch["labels"] != IGNORE_INDEX
+    logits = _unwrap(model).output(hidden[keep])  # (N, V)
+    return F.cross_entropy(logits.float(), batch["labels"][keep], reduction="sum"), keep.sum()
+
+
+@torch.no_grad()
+def perplexities(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int,
+                 precision: Any) -> dict[str, float]:
+    """Plain (every token after the first) and conditional (response tokens | prompt) perplexity,
+    token-weighted, from one forward pass per batch."""
+    was_training = model.training
+    model.eval()
+    sums = {"plain": [0.0, 0], "conditional": [0.0, 0]}
+    for batch in eval_batches(examples, batch_size, pad_id, full=True):
+        ids, labels = batch["input_ids"].to(precision.device), batch["labels"].to(precision.device)
+        with precision.autocast():
+            logits = model(ids)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                              reduction="none").view_as(labels)
+        is_resp = batch["response_mask"].to(precision.device)
+        sums["plain"][0] += float(nll.sum())
+        sums["plain"][1] += int((labels != IGNORE_INDEX).sum())
+        sums["conditional"][0] += float(nll[is_resp].sum())
+        sums["conditional"][1] += int(is_resp.sum())
+    model.train(was_training)
+    return {f"{k}_ppl": math.exp(s / max(n, 1)) for k, (s, n) in sums.items()} | \
+        {f"{k}_tokens": n for k, (_, n) in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def read_records(source: str, paths: list[str]) -> list[Record]:
+    """Records of every file, pooled; the reader is chosen by `data.source`."""
+    from lmlab.data import qa, tasks
+
+    readers = {"alpaca": read_alpaca, "mcq": qa.mcq_records, "saq": qa.saq_records,
+               "dialogsum": tasks.dialogsum_records, "gsm8k": tasks.gsm8k_records, "sst2": tasks.sst2_records}
+    if source not in readers:
+        raise ConfigError(f"data.source={source!r}: expected one of {list(readers)}")
+    if not paths:
+        raise ConfigError("data.paths is empty: name the data file(s), e.g. data.paths=[${data_dir}/alpaca/alpaca_small.json]")
+    return [r for p in paths for r in readers[source](p)]
+
+
+def make_template(d: InstructDataSection) -> Template:
+    return Template(d.template, d.custom_template, d.response_marker, d.system or None)
+
+
+def load_splits(cfg: SFTConfig) -> tuple[list[Record], list[Record], list[Record]]:
+    """The seeded split, with the CPU-size caps applied after it (so the test set never moves)."""
+    d = cfg.data
+    if len(d.split) != 3:
+        raise ConfigError(f"data.split={d.split}: expected three ratios [train, validation, test]")
+    train, val, test = split_records(read_records(d.source, d.paths), tuple(d.split), d.split_seed, d.subset)
+    if d.test_paths:
+        test = read_records(d.source, d.test_paths)
+    cap = lambda rs, n: rs[:n] if n else rs  # noqa: E731
+    return cap(train, d.max_train), cap(val, d.max_eval), cap(test, d.max_eval)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Train one adapter; returns the summary (also written to summary.json)."""
+    from lmlab.adapters import export_peft, save_adapter
+    from lmlab.fileio import atomic_write_text
+    from lmlab.loading import load_model
+    from lmlab.lora import apply_lora
+    from lmlab.precision import Precision, resolve_device
+    from lmlab.run import seed_everything
+
+    t0 = time.perf_counter()
+    out, name = Path(cfg.out_dir), cfg.adapter or cfg.data.source
+    precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    loaded = load_model(cfg.model.spec, device=precision.device, tokenizer=cfg.model.tokenizer or None)
+    model, tok = loaded.model, loaded.tokenizer
+    pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    template = make_template(cfg.data)
+    splits = dict(zip(("train", "val", "test"), load_splits(cfg)))
+    data = {k: encode_examples(v, template, tok, cfg.data.max_len) for k, v in splits.items()}
+    summary: dict[str, Any] = {"adapter": name, "data": {k: v.summary() for k, v in data.items()}}
+    save_config(cfg, out / "config.yaml")
+
+    e = cfg.eval
+    if e.perplexity and data["test"].examples:
+        summary["before"] = perplexities(model, data["test"].examples, pad_id, e.batch_size, precision)
+        print(f"before: {summary['before']}")
+    apply_lora(model, cfg.lora, name=name)
+    summary["train"] = train_adapter(cfg, model, data["train"].examples, data["val"].examples, pad_id, precision, out)
+    if e.perplexity and data["test"].examples:
+        summary["after"] = perplexities(model, data["test"].examples, pad_id, e.batch_size, precision)
+        print(f"after: {summary['after']}")
+    if e.instructions:
+        samples = sample_instructions(model, tok, template, e, cfg.train.seed)
+        atomic_write_text(out / "samples.md", "".join(f"### {q}\n\n{a}\n\n" for q, a in samples))
+        summary["samples"] = dict(samples)
+    save_adapter(model, out / "adapters" / name)
+    if cfg.export_peft:
+        export_peft(model, out / "adapters" / f"{name}-peft")
+    summary["wall_time_s"] = time.perf_counter() - t0
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_adapter(cfg: SFTConfig, model: nn.Module, train: list[Example], val: list[Example], pad_id: int,
+                  precision: Any, out: Path) -> dict[str, Any]:
+    """The active adapter trained by `fit` with the response-only loss; returns time, memory, losses."""
+    from lmlab.optim import build_optimizer
+    from lmlab.precision import peak_flops
+    from lmlab.schedule import Schedule
+    from lmlab.trainer import FitConfig, MetricsLogger, fit
+
+    t, o, s, lg = cfg.train, cfg.optim, cfg.schedule, cfg.logging
+    batches = InstructBatches(train, t.batch_size, t.grad_accum, t.seed, pad_id, cfg.data.packing, cfg.data.max_len)
+    max_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
+    optimizer = build_optimizer(model, "torch", o.lr, tuple(o.betas), 1e-8, o.weight_decay)
+    schedule = Schedule(o.lr, s.warmup_steps, s.decay_steps or max_steps, s.min_lr, s.kind)
+    fit_cfg = FitConfig(max_steps=max_steps, grad_accum=t.grad_accum, grad_clip=t.grad_clip, eval_every=t.eval_every,
+                        log_every=lg.log_every, keep_best=False, progress_bar=lg.progress,
+                        flops_per_token=model.flops_per_token(cfg.data.max_len),
+                        peak_flops=lg.peak_tflops * 1e12 or peak_flops(precision.device, cfg.precision.dtype))
+    logger = MetricsLogger(out / "metrics.jsonl", out / "tb" if lg.tensorboard else None)
+    model.train()
+    trained = torch.compile(model) if cfg.precision.compile else model  # adapters are saved from `model`
+    try:
+        result = fit(trained, response_loss, batches, optimizer, schedule, fit_cfg, precision,
+                     val_data=eval_batches(val, cfg.eval.batch_size, pad_id), logger=logger)
+    finally:
+        logger.close()
+    return {"steps": max_steps, "train_loss": result.train_loss, "val_loss": result.val_loss,
+            "train_time_s": result.progress.elapsed_s, "peak_mem_mb": result.peak_mem_mb,
+            "tokens_seen": result.progress.tokens_seen, "examples": len(train)}
+
+
+def sample_instructions(model: nn.Module, tokenizer: Any, template: Template, e: SFTEvalSection,
+                        seed: int) -> list[tuple[str, str]]:
+    """Answers to the novel instructions, sampled through the one generation path."""
+    from lmlab.generate import GenerationConfig, generate
+    from lmlab.sampling import SamplingConfig
+
+    prompts = [template.prompt({"instruction": q, "input": "", "output": ""}, tokenizer) for q in e.instructions]
+    gen = GenerationConfig(e.max_new_tokens, SamplingConfig(temperature=e.temperature, top_p=e.top_p),
+                           stop_strings=("### Instruction:",), seed=seed)
+    answers = generate(model, tokenizer, prompts, gen)
+    return [(q, a.strip()) for q, a in zip(e.instructions, answers)]
+
+
+def run_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    return run_sft(load_config(path, list(overrides), schema=SFTConfig))

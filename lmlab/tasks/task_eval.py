@@ -1,0 +1,122 @@
+"""Generation-based evaluation on a task's test split: zero-shot and few-shot prompting of the base model,
+and the same prompts with a tuned adapter, so every row of the results table is measured the same way.
+
+Tasks: sst2 (accuracy of the first word, positive/negative), summarize (DialogSum ROUGE-1/2/L), math
+(GSM8K final-answer exact match), mcq (accuracy, plus the zero-shot letter log-probability baseline) and
+saq (NQ-open EM/F1); mcq and saq answers pass their validator with retries (lmlab/tasks/qa.py).
+Few-shot examples are earlier chat turns (user/assistant pairs) drawn from the training split, so they
+never overlap the test items.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from lmlab.data.instruct import Record, Template
+from lmlab.errors import ConfigError
+from lmlab.tasks.qa import TASKS, answer_with_retry, letter_logprob_predict, score
+
+MAX_NEW_TOKENS = {"sst2": 4, "summarize": 96, "math": 256, "mcq": 4, "saq": 16}
+TASK_OF_SOURCE = {"sst2": "sst2", "dialogsum": "summarize", "gsm8k": "math", "mcq": "mcq", "saq": "saq"}
+
+
+class FewShotTemplate(Template):
+    """The chat template with `shots` solved examples as earlier turns."""
+
+    def __init__(self, shots: Sequence[Record], system: str | None = None) -> None:
+        super().__init__("chat", system=system)
+        self.shots = list(shots)
+
+    def prompt(self, record: Record, tokenizer: Any = None) -> str:
+        def user(r: Record) -> str:
+            return r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for s in self.shots:
+            messages += [{"role": "user", "content": user(s)}, {"role": "assistant", "content": s["output"]}]
+        messages.append({"role": "user", "content": user(record)})
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def pick_shots(train: Sequence[Record], k: int, seed: int = 0) -> list[Record]:
+    """k training records (seeded), shortest-first among a sample so prompts stay small on a CPU."""
+    if k == 0:
+        return []
+    pool = random.Random(seed).sample(list(train), min(len(train), 8 * k))
+    return sorted(pool, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:k]
+
+
+def evaluate_task(model: nn.Module, tokenizer: Any, task: str, records: Sequence[Record], template: Template,
+                  *, max_retries: int = 2, seed: int = 0, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Greedy answers to `records` under `template` (whatever adapter is active), scored for `task`.
+    max_new_tokens: None = the task's default (MAX_NEW_TOKENS)."""
+    from lmlab.generate import GenerationConfig, generate
+    from lmlab.metrics import extract_number, gsm8k_match, rouge
+    from lmlab.sampling import SamplingConfig
+
+    records = list(records)
+    if task in ("mcq", "saq"):
+        answers = answer_with_retry(model, tokenizer, records, TASKS[task], template, max_retries=max_retries,
+                                    seed=seed)
+        return score(task, records, answers) | {"examples": [a.text for a in answers[:5]]}
+    gen = GenerationConfig(max_new_tokens or MAX_NEW_TOKENS[task], SamplingConfig(temperature=0.0), seed=seed)
+    outputs = [o.strip() for o in generate(model, tokenizer, [template.prompt(r, tokenizer) for r in records], gen)]
+    out: dict[str, Any] = {"n": len(records), "examples": outputs[:3]}
+    if task == "sst2":
+        words = [(o.split() or [""])[0].strip(".,!:").lower() for o in outputs]
+        out["accuracy"] = sum(w == r["output"] for w, r in zip(words, records)) / max(len(records), 1)
+        out["valid"] = sum(w in ("positive", "negative") for w in words) / max(len(records), 1)
+    elif task == "summarize":
+        out |= rouge(outputs, [r["answers"] for r in records])
+    elif task == "math":
+        out["exact_match"] = sum(gsm8k_match(o, "#### " + r["answers"][0]) for o, r in zip(outputs, records)) / max(len(records), 1)
+        out["has_answer"] = sum(extract_number(o) is not None for o in outputs) / max(len(records), 1)
+    return out
+
+
+def mcq_zero_shot(model: nn.Module, tokenizer: Any, records: Sequence[Record], template: Template) -> dict[str, Any]:
+    """Letter log-probability accuracy with every adapter off, overall and per source (mmlu, arc)."""
+    from lmlab.lora import disable_lora
+
+    with disable_lora(model):
+        preds = letter_logprob_predict(model, tokenizer, records, template)
+    out: dict[str, Any] = {"n": len(records), "accuracy": _acc(preds, records)}
+    for src in sorted({r.get("source", "") for r in records} - {""}):
+        sub = [(p, r) for p, r in zip(preds, records) if r.get("source") == src]
+        out[f"accuracy_{src}"] = _acc([p for p, _ in sub], [r for _, r in sub])
+    return out
+
+
+def _acc(preds: Sequence[str], records: Sequence[Record]) -> float:
+    return sum(p == r["output"] for p, r in zip(preds, records)) / max(len(records), 1)
+
+
+def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "", max_retries: int = 2,
+                    shots: int = 0) -> dict[str, Any]:
+    """Score the base model (and `adapter`, if given) on a recipe's test split, as `lmlab qa eval` does."""
+    from lmlab.adapters import load_adapter
+    from lmlab.loading import load_model
+    from lmlab.runconfig import load_config
+    from lmlab.tasks.sft import SFTConfig, load_splits, make_template
+
+    cfg = load_config(recipe, list(overrides), schema=SFTConfig)
+    train, _, test = load_splits(cfg)
+    task = TASK_OF_SOURCE.get(cfg.data.source)
+    if task is None:
+        raise ConfigError(f"{recipe}: data.source={cfg.data.source!r} has no generation metric (alpaca: use perplexity)")
+    loaded = load_model(cfg.model.spec)
+    model, tok = loaded.model, loaded.tokenizer
+    template = make_template(cfg.data)
+    results: dict[str, Any] = {"task": task, "n_test": len(test)}
+    if task == "mcq":
+        results["zero_shot_logprob"] = mcq_zero_shot(model, tok, test, template)
+    prompt = FewShotTemplate(pick_shots(train, shots), cfg.data.system or None) if shots else template
+    results[f"base_{shots}shot"] = evaluate_task(model, tok, task, test, prompt, max_retries=max_retries)
+    if adapter:
+        load_adapter(model, adapter, name=task)
+        results["adapter"] = evaluate_task(model, tok, task, test, template, max_retries=max_retries)
+    return results

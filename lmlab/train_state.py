@@ -1,0 +1,186 @@
+"""Checkpoints that survive a crash, and exact resume.
+
+A step checkpoint is a folder `checkpoints/step_XXXXXXX/` holding the model in lmlab's checkpoint
+format (model.safetensors + config.json, via `lmlab.checkpoint.save_checkpoint`, so any checkpoint
+loads with `load_checkpoint`) plus `train_state.pt`: optimizer, gradient scaler, progress counters and
+the RNG states (python, numpy, torch, CUDA) of every process. The folder is built under a temporary
+name, fsynced and renamed, so a SIGKILL leaves either the whole checkpoint or none. The data position
+needs no saving: batch sources are pure functions of the step (lmlab/data/pretrain.py) and schedules
+pure functions of the step (lmlab/schedule.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmlab.errors import CheckpointError
+from lmlab.fileio import atomic_replace_dir
+
+STATE_FILE = "train_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+
+
+@dataclass
+class Progress:
+    """Counters that continue across a resume."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    tokens_seen: int = 0
+    """Input tokens processed (all processes)."""
+    elapsed_s: float = 0.0
+    """Training wall time before this process started."""
+    best_val_loss: float = float("inf")
+    """Lowest validation loss so far."""
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states, as tensors and ints (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    """random.setstate wants tuples; serialization may have turned them into lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    """RNG states of all processes (rank order), so each resumes its own dropout stream."""
+    mine = capture_rng()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+class Checkpointer:
+    """Writes step and best checkpoints under `folder` (rank 0 only) and finds the newest one."""
+
+    def __init__(self, folder: str | Path, tokenizer: Any = None, keep_last: int = 0, is_main: bool = True):
+        self.folder, self.tokenizer, self.keep_last, self.is_main = Path(folder), tokenizer, keep_last, is_main
+
+    def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+             scaler: Any = None, meta: dict[str, Any] | None = None) -> Path | None:
+        """Atomically write checkpoints/<name>/ (name: step_XXXXXXX or best)."""
+        from lmlab.checkpoint import save_checkpoint
+
+        rng = _gather_rng()  # collectives: every rank calls save
+        model, optim_state = _full_states(model, optimizer)
+        if not self.is_main:
+            return None
+        state = {"progress": asdict(progress), "optimizer": optim_state, "rng": rng,
+                 "scaler": scaler.state_dict() if scaler is not None else None}
+
+        def build(tmp: Path) -> None:
+            save_checkpoint(model, tmp, tokenizer=self.tokenizer)
+            torch.save(state, tmp / STATE_FILE)
+            (tmp / "meta.json").write_text(json.dumps({"step": progress.step, **(meta or {})}, indent=2))
+
+        target = self.folder / name
+        atomic_replace_dir(build, target)
+        self._prune()
+        return target
+
+    def step_name(self, step: int) -> str:
+        return f"step_{step:07d}"
+
+    def step_dirs(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+    def latest(self) -> Path | None:
+        dirs = [d for d in self.step_dirs() if (d / STATE_FILE).is_file()]
+        return dirs[-1] if dirs else None
+
+    def _prune(self) -> None:
+        if self.keep_last > 0:
+            for old in self.step_dirs()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, dict]:
+    """The module and optimizer state to save. Under FSDP both are sharded: gather full copies to
+    rank 0 (a collective) and put the weights into a plain CPU model there."""
+    from lmlab.checkpoint import unwrap
+
+    raw = unwrap(model)
+    if not _is_sharded(raw):
+        return raw, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights, optim_state = get_state_dict(raw, optimizer, options=full)
+    if torch.distributed.get_rank() != 0:
+        return raw, {}
+    plain = type(raw)(raw.config)
+    plain.load_state_dict(weights)
+    return plain, optim_state
+
+
+def load_train_state(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: Any = None, rank: int = 0) -> Progress:
+    """Restore weights, optimizer, scaler and this rank's RNG from a step checkpoint."""
+    from safetensors.torch import load_file
+
+    from lmlab.checkpoint import WEIGHTS, load_state_into, unwrap
+
+    folder = Path(folder)
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        weights = load_file(str(folder / WEIGHTS))
+    except (OSError, RuntimeError) as err:
+        raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({err})") from None
+    raw = unwrap(model)
+    if _is_sharded(raw):  # FSDP: every rank reads the full copy and keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        if raw.config.tie_embeddings:
+            weights["output.weight"] = weights["tok_embeddings.weight"]
+        for group in optimizer.param_groups:  # saved groups carry fit's initial_lr; the keys must match
+            group.setdefault("initial_lr", group["lr"])
+        set_state_dict(raw, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        device = next(raw.parameters()).device
+        load_state_into(raw, {k: v.to(device) for k, v in weights.items()}, str(folder / WEIGHTS))
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    restore_rng(rngs[rank] if rank < len(rngs) else rngs[0])
+    return Progress(**state["progress"])

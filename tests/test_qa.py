@@ -1,0 +1,208 @@
+"""QA adapters: MCQ/SAQ readers, validators, retry with a changed seed/temperature, the router switching
+adapters on one base, the zero-shot letter baseline, scores, and loading adapters (lmlab + peft) by task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.adapters import export_peft, save_adapter
+from lmlab.checkpoint import save_checkpoint
+from lmlab.config import ModelConfig
+from lmlab.data.instruct import Template, split_records
+from lmlab.data.qa import mcq_records, read_arc, read_mmlu, saq_records
+from lmlab.errors import ConfigError, DataError
+from lmlab.lora import LoRAConfig, add_adapter, set_active_adapter
+from lmlab.model import Transformer
+from lmlab.paths import smollm2_gguf
+from lmlab.tasks.qa import (
+    TASKS, Answer, Router, TaskSpec, answer_with_retry, letter_logprob_predict, load_router, score, validate_mcq,
+    validate_saq,
+)
+from lmlab.tokenization import load_tokenizer
+
+CHAT = Template("chat")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread hand-off dominates."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(smollm2_gguf())
+
+
+def tiny() -> Transformer:
+    return Transformer(ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                                   max_seq_len=512)).eval()
+
+
+def with_adapters(model: Transformer, names=("mcq", "saq")) -> Transformer:
+    for i, name in enumerate(names):
+        add_adapter(model, name, LoRAConfig(rank=4, alpha=8))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if f"lora_b.{name}." in pname:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
+    return model
+
+
+def test_readers_on_the_shared_files(shared_data, tmp_path):
+    mmlu = read_mmlu(shared_data / "mmlu" / "dev")
+    arc = read_arc(shared_data / "arc-challenge" / "ARC-Challenge-Dev.jsonl")
+    nq = saq_records(shared_data / "nq-open" / "NQ-open.dev.jsonl")
+    assert (len(mmlu), len(arc), len(nq)) == (285, 294, 3610)
+    assert all(r["output"] in "ABCDE"[: len(r["choices"])] for r in mmlu + arc)
+    assert {r["source"] for r in mmlu} == {"mmlu"} and "\nD. " in mmlu[0]["instruction"]
+    assert all(r["answers"] and r["output"] == r["answers"][0] for r in nq)
+    assert nq[0]["instruction"].endswith("?")
+    assert len(mcq_records(shared_data / "mmlu" / "val")) == 1542
+    bad = tmp_path / "bad_dev.csv"
+    bad.write_text("q,a,b,c,d,E\n")
+    with pytest.raises(DataError, match=r"bad_dev.csv: row 1: answer 'E'"):
+        read_mmlu(bad)
+    bad.write_text("q,a,b\n")
+    with pytest.raises(DataError, match="expected 6 fields"):
+        read_mmlu(bad)
+
+
+@pytest.mark.parametrize("text,ok", [("B", "B"), (" C.\n", "C"), ("(A)", "A"), ("D)", "D"), ("E", None),
+                                     ("The answer is B", None), ("", None), ("BC", None)])
+def test_mcq_validator(text, ok):
+    assert validate_mcq(text, {"choices": ["w", "x", "y", "z"]}) == ok
+
+
+@pytest.mark.parametrize("text,ok", [("Paris.", "Paris"), (" 1945 ", "1945"), ("The answer is Paris", None),
+                                     ("Sure! Paris", None), ("", None), ("one two three four five six seven eight "
+                                     "nine ten eleven", None), ("Paris\nFrance", None)])
+def test_saq_validator(text, ok):
+    assert validate_saq(text, {}) == ok
+
+
+def test_retry_changes_seed_and_temperature_until_valid(tok):
+    model = tiny()
+    records = [{"instruction": "Say something.", "input": "", "output": "x"} for _ in range(2)]
+    calls: dict[int, int] = {}
+
+    def third_time_lucky(text: str, record: dict) -> str | None:
+        calls[id(record)] = calls.get(id(record), 0) + 1
+        return text if calls[id(record)] >= 3 else None
+
+    spec = TaskSpec(None, third_time_lucky, max_new_tokens=3, stop_strings=())
+    answers = answer_with_retry(model, tok, records, spec, CHAT, max_retries=3, seed=1)
+    assert [a.attempts for a in answers] == [3, 3] and all(a.valid for a in answers)
+    greedy, *sampled = answers[0].raw
+    assert sampled[0] != greedy or sampled[1] != greedy  # retries sample; greedy would repeat itself
+    calls.clear()
+    stuck = answer_with_retry(model, tok, records, spec, CHAT, max_retries=1, seed=1)
+    assert [(a.attempts, a.valid) for a in stuck] == [(2, False), (2, False)]
+    s = score("saq", [{"answers": ["zz"]}] * 2, stuck)
+    assert s["invalid"] == 1.0 and s["needed_retry"] == 1.0 and s["exact_match"] == 0.0
+
+
+def test_router_picks_the_adapter_per_request_on_one_base(tok):
+    model = with_adapters(tiny())
+    router = Router(model, tok, CHAT, max_retries=0)
+    mcq = {"instruction": "Pick one.\nA. yes\nB. no", "input": "", "output": "A"}
+    saq = {"instruction": "Capital of France?", "input": "", "output": "Paris"}
+    declared = {**saq, "task": "mcq"}
+    assert [router.route(r) for r in (mcq, saq, declared)] == ["mcq", "saq", "mcq"]
+    with pytest.raises(ConfigError, match="no such task"):
+        router.route({**saq, "task": "poetry"})
+    params_before = {id(p) for p in model.parameters()}
+    routed = router.answer([saq, mcq, declared])
+    assert [t for t, _ in routed] == ["saq", "mcq", "mcq"]
+    assert {id(p) for p in model.parameters()} == params_before  # switched, never reloaded
+    for task, record, (_, got) in zip(("saq", "mcq"), (saq, mcq), routed):
+        set_active_adapter(model, task)
+        (want,) = answer_with_retry(model, tok, [record], TASKS[task], CHAT, max_retries=0)
+        assert got.raw == want.raw
+    set_active_adapter(model, "mcq")
+    mcq_out = answer_with_retry(model, tok, [saq], TaskSpec("saq", validate_saq, 8, ("\n",)), CHAT, max_retries=0)
+    set_active_adapter(model, "saq")
+    saq_out = answer_with_retry(model, tok, [saq], TaskSpec("saq", validate_saq, 8, ("\n",)), CHAT, max_retries=0)
+    assert mcq_out[0].raw != saq_out[0].raw  # the adapters really differ
+
+
+def test_letter_logprob_baseline_is_batch_invariant(tok, shared_data):
+    model = tiny()
+    records = read_arc(shared_data / "arc-challenge" / "ARC-Challenge-Dev.jsonl")[:5]
+    batched = letter_logprob_predict(model, tok, records, CHAT, batch_size=5)
+    from lmlab.generate import encode_prompt
+
+    letters = [tok.encode(ch)[0] for ch in "ABCDE"]
+    for rec, got in zip(records, batched):
+        ids = torch.tensor([encode_prompt(tok, CHAT.prompt(rec, tok))])
+        logits = model(ids)[0, -1]
+        n = len(rec["choices"])
+        assert got == "ABCDE"[int(logits[letters[:n]].argmax())]
+
+
+def test_scores():
+    recs = [{"output": "A", "answers": ["A"]}, {"output": "B", "answers": ["B"]}]
+    answers = [Answer("A", True, 1), Answer("C", True, 2)]
+    s = score("mcq", recs, answers)
+    assert s["accuracy"] == 0.5 and s["needed_retry"] == 0.5 and s["valid_first_try"] == 0.5
+    s = score("saq", [{"answers": ["the Beatles", "Beatles"]}], [Answer("Beatles", True, 1)])
+    assert s["exact_match"] == 1.0 and s["f1"] == 1.0
+
+
+def test_load_router_reads_saved_adapters_by_task(tmp_path, tok):
+    base = tmp_path / "base"
+    save_checkpoint(tiny(), base, tokenizer=tok)
+    from lmlab.loading import load_model
+
+    model = with_adapters(load_model(base).model)
+    set_active_adapter(model, "mcq")
+    save_adapter(model, tmp_path / "mcq")
+    set_active_adapter(model, "saq")
+    export_peft(model, tmp_path / "saq-peft")
+    router = load_router(str(base), {"mcq": tmp_path / "mcq", "saq": tmp_path / "saq-peft"})
+    x = torch.randint(0, 49152, (1, 10))
+    for task in ("mcq", "saq"):
+        set_active_adapter(model, task)
+        set_active_adapter(router.model, task)
+        assert torch.allclose(model(x), router.model(x), atol=1e-5)
+
+
+def test_split_keeps_qa_references(shared_data):
+    train, val, test = split_records(saq_records(shared_data / "nq-open" / "NQ-open.dev.jsonl"), (5, 1, 1), 42)
+    assert len(train) + len(val) + len(test) == 3610 and all("answers" in r for r in test)
+
+
+def test_few_shot_prompt_and_generation_metrics(tok, shared_data):
+    from lmlab.data.tasks import dialogsum_records, gsm8k_records, sst2_records
+    from lmlab.tasks.task_eval import FewShotTemplate, evaluate_task, pick_shots
+
+    sst = sst2_records(shared_data / "sst5" / "sst-dev.txt")
+    assert len(sst) == 872 and {r["output"] for r in sst} == {"positive", "negative"}
+    shots = pick_shots(sst[10:], 2, seed=0)
+    assert shots == pick_shots(sst[10:], 2, seed=0) and len(shots) == 2
+    prompt = FewShotTemplate(shots).prompt(sst[0], tok)
+    assert prompt.count("<|im_start|>assistant\n") == 3 and prompt.endswith("<|im_start|>assistant\n")
+    assert f"{shots[0]['output']}<|im_end|>" in prompt
+    model = tiny()
+    got = evaluate_task(model, tok, "sst2", sst[:2], CHAT, max_new_tokens=3)
+    assert set(got) >= {"accuracy", "valid", "n"}
+    summ = evaluate_task(model, tok, "summarize", dialogsum_records(shared_data / "dialogsum" / "dialogsum.dev.jsonl")[:1],
+                         CHAT, max_new_tokens=8)
+    assert set(summ) >= {"rouge1", "rouge2", "rougeL"}
+    math = gsm8k_records(shared_data / "gsm8k" / "test.jsonl")[:1]
+    assert math[0]["answers"] == ["18"] and "<<" not in math[0]["output"]
+    assert "exact_match" in evaluate_task(model, tok, "math", math, CHAT, max_new_tokens=8)
+
+
+def test_qa_eval_on_a_recipe_split(tmp_path, tok):
+    from lmlab.tasks.task_eval import evaluate_recipe
+
+    base = tmp_path / "base"
+    save_checkpoint(tiny(), base, tokenizer=tok)
+    res = evaluate_recipe("recipes/qa/mcq-smollm2.yaml", [f"model.spec={base}", "data.max_eval=3"], max_retries=1)
+    assert res["n_test"] == 3 and 0 <= res["zero_shot_logprob"]["accuracy"] <= 1
+    assert set(res["base_0shot"]) >= {"accuracy", "valid_after_retry", "needed_retry", "invalid"}

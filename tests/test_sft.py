@@ -1,0 +1,208 @@
+"""Instruction tuning: records, the seeded split, templates, response-only labels, bad input (error or
+counted skip, never a fully masked example), packing, the loss, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmlab.checkpoint import save_checkpoint
+from lmlab.config import ModelConfig
+from lmlab.data.instruct import (
+    Example, InstructBatches, Template, collate, encode_examples, pack, read_alpaca, split_records,
+)
+from lmlab.errors import ConfigError, DataError
+from lmlab.losses import IGNORE_INDEX, lm_loss
+from lmlab.model import Transformer
+from lmlab.paths import smollm2_gguf
+from lmlab.runconfig import load_config
+from lmlab.tasks.sft import SFTConfig, perplexities, response_loss, run_sft
+from lmlab.tokenization import load_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread hand-off dominates."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(smollm2_gguf())
+
+
+def tiny(vocab: int = 49152) -> Transformer:
+    return Transformer(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                                   max_seq_len=512))
+
+
+REC = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
+
+
+def test_alpaca_file_and_seeded_split(shared_data):
+    records = read_alpaca(shared_data / "alpaca" / "alpaca_small.json")
+    assert len(records) == 2000 and sum(bool(r["input"]) for r in records) == 753
+    train, val, test = split_records(records, (5, 1, 1), seed=42)
+    assert (len(train), len(val), len(test)) == (1429, 286, 285)
+    again = split_records(records, (5, 1, 1), seed=42)
+    assert [r["output"] for r in again[2]] == [r["output"] for r in test]
+    ids = {id(r) for r in train} | {id(r) for r in val} | {id(r) for r in test}
+    assert len(ids) == 2000
+    sub = split_records(records, (5, 1, 1), seed=42, subset=700)
+    assert [len(s) for s in sub] == [500, 100, 100]
+
+
+def test_missing_field_and_wrong_type_name_the_record(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([REC, {"instruction": "x"}]))
+    with pytest.raises(DataError, match=r"bad.json: record 1: missing field 'output'"):
+        read_alpaca(path)
+    path.write_text(json.dumps([{"instruction": "x", "output": 3}]))
+    with pytest.raises(DataError, match=r"record 0: field 'output' must be a string"):
+        read_alpaca(path)
+    path.write_text("[{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_alpaca(path)
+
+
+def test_labels_are_the_response_only(tok):
+    data = encode_examples([REC], Template("alpaca"), tok, max_len=256)
+    (ex,) = data.examples
+    batch = collate([ex], pad_id=0)
+    labels = batch["labels"][0]
+    kept = labels[labels != IGNORE_INDEX].tolist()
+    assert tok.decode(kept[:-1]) == "Red." and kept[-1] == tok.eos_id
+    prompt = tok.decode(ex.ids[: ex.n_prompt])
+    assert prompt.endswith("### Response:\n") and "Name a primary color." in prompt
+    assert (labels[: ex.n_prompt - 1] == IGNORE_INDEX).all()
+
+
+def test_templates_with_and_without_input_and_chat(tok):
+    with_input = Template("alpaca").prompt({**REC, "input": "Sky"})
+    assert "### Input:\nSky\n\n### Response:\n" in with_input and "paired with an input" in with_input
+    assert "### Input" not in Template("alpaca").prompt(REC)
+    chat = Template("chat")
+    prompt = chat.prompt(REC, tok)
+    assert prompt.endswith("<|im_start|>assistant\n") and "Name a primary color." in prompt
+    (ex,) = encode_examples([REC], chat, tok, 256).examples
+    assert tok.decode(ex.ids[ex.n_prompt:]) == "Red.<|im_end|>"  # learns to end its turn
+
+
+def test_custom_template_needs_the_response_marker():
+    with pytest.raises(ConfigError, match="does not end with the response marker"):
+        Template("custom", "Q: {instruction}\nA:", "### Response:")
+    with pytest.raises(ConfigError, match="does not end with the response marker"):
+        Template("custom", "A: {instruction}", "A:")  # text after the marker would be taken for the prompt
+    with pytest.raises(ConfigError, match="must contain"):
+        Template("custom", "Q: x\nA:", "A:")
+    assert Template("custom", "Q: {instruction}\nA:", "A:").prompt(REC) == "Q: Name a primary color.\nA:"
+
+
+def test_bad_examples_are_skipped_and_counted_never_fully_masked(tok):
+    long_prompt = {"instruction": "word " * 400, "input": "", "output": "ok"}
+    long_answer = {"instruction": "Say it.", "input": "", "output": "yes " * 400}
+    empty = {"instruction": "Say nothing.", "input": "", "output": "  "}
+    data = encode_examples([REC, long_prompt, long_answer, empty], Template("alpaca"), tok, max_len=128)
+    assert data.skipped == {"prompt_too_long": 1, "empty_output": 1} and data.truncated == 1
+    assert len(data.examples) == 2 and all(len(e.ids) <= 128 for e in data.examples)
+    for batch in [collate([e], 0) for e in data.examples]:
+        assert (batch["labels"] != IGNORE_INDEX).sum() >= 1
+    edge = {"instruction": "word " * 60, "input": "", "output": "yes " * 50}
+    n_prompt = len(tok.encode(Template("alpaca").prompt(edge)))
+    (ex,) = encode_examples([edge], Template("alpaca"), tok, max_len=n_prompt + 1).examples
+    assert len(ex.ids) - ex.n_prompt == 1  # one response token survives the cut
+    with pytest.raises(DataError, match="no training examples"):
+        InstructBatches([], 2, 1, 0, 0)
+
+
+def test_response_loss_equals_lm_loss_and_packing_keeps_the_targets(tok):
+    model = tiny()
+    recs = [REC, {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+            {"instruction": "Translate 'cat'.", "input": "French", "output": "chat"}]
+    examples = encode_examples(recs, Template("alpaca"), tok, 256).examples
+    batch = collate(examples, pad_id=tok.pad_id)
+    a, na = response_loss(model, batch)
+    b, nb = lm_loss(model, batch)
+    assert int(na) == int(nb) and torch.allclose(a, b, rtol=1e-4)
+    packed = pack(examples, max_len=64, sep_id=tok.eos_id)
+    assert all(len(x) == len(y) <= 64 for x, y in packed)
+    targets = sum(int((torch.tensor(y) != IGNORE_INDEX).sum()) for _, y in packed)
+    assert targets == int(na)
+    src = InstructBatches(examples, 2, 1, seed=0, pad_id=0, packing=True, max_len=64)
+    assert src(0, 0)["input_ids"].shape[1] <= 64
+
+
+def test_batches_cover_each_epoch_and_are_reproducible():
+    examples = [Example([1, 2, i + 3, 4], 2) for i in range(10)]
+    src = InstructBatches(examples, batch_size=2, grad_accum=1, seed=5, pad_id=0)
+    seen = [int(t) for s in range(5) for t in src(s, 0)["input_ids"][:, 2]]
+    assert sorted(seen) == list(range(3, 13)) and src.steps_per_epoch == 5
+    again = InstructBatches(examples, batch_size=2, grad_accum=1, seed=5, pad_id=0)
+    assert torch.equal(again(3, 0)["input_ids"], src(3, 0)["input_ids"])
+
+
+def test_conditional_perplexity_counts_response_tokens_only(tok):
+    from lmlab.precision import Precision
+
+    examples = encode_examples([REC], Template("alpaca"), tok, 256).examples
+    ppl = perplexities(tiny(), examples, 0, 4, Precision(torch.device("cpu")))
+    assert ppl["conditional_tokens"] == len(examples[0].ids) - examples[0].n_prompt
+    assert ppl["plain_tokens"] == len(examples[0].ids) - 1
+
+
+def test_every_shipped_sft_and_qa_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted(Path("recipes/sft").glob("*.yaml")) + sorted(Path("recipes/qa").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        cfg = load_config(path, [], schema=SFTConfig)
+        assert cfg.data.paths and cfg.lora.rank > 0
+
+
+def test_tiny_end_to_end_run_lowers_conditional_perplexity(tmp_path, tok, shared_data):
+    base = tmp_path / "base"
+    save_checkpoint(tiny(), base, tokenizer=tok)
+    cfg = load_config("recipes/sft/alpaca-lora-smollm2.yaml", [
+        f"out_dir={tmp_path / 'run'}", f"model.spec={base}", "data.subset=70", "data.max_train=8",
+        "data.max_eval=8", "data.max_len=128", "train.max_steps=12", "train.batch_size=4", "train.grad_accum=1",
+        "optim.lr=2e-2", "schedule.warmup_steps=0", "lora.dropout=0.0", "precision.dtype=fp32",
+        "eval.max_new_tokens=4", "eval.instructions=[Write a haiku.]", "logging.progress=false",
+    ], schema=SFTConfig)
+    cfg.data.max_eval = 8
+    summary = run_sft(cfg)
+    run = tmp_path / "run"
+    assert summary["data"]["train"]["examples"] == 8
+    assert summary["after"]["conditional_ppl"] < summary["before"]["conditional_ppl"]
+    assert summary["train"]["peak_mem_mb"] > 0 and summary["train"]["train_time_s"] > 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "samples.md", "adapters/alpaca/adapter.safetensors",
+                 "adapters/alpaca-peft/adapter_model.safetensors", "adapters/alpaca-peft/adapter_config.json"):
+        assert (run / name).is_file(), name
+    # the saved adapter (lmlab and peft format) gives the tuned model back on a fresh base
+    from lmlab.adapters import load_adapter
+    from lmlab.loading import load_model
+
+    x = torch.randint(0, 49152, (1, 12))
+    outs = []
+    for folder in ("alpaca", "alpaca-peft"):
+        m = load_model(base).model
+        load_adapter(m, run / "adapters" / folder, name="alpaca")
+        outs.append(m.eval()(x))
+    plain = load_model(base).model.eval()(x)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and not torch.allclose(outs[0], plain, atol=1e-4)
+    # and Hugging Face peft reads the exported folder onto the same base, with the same logits
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.weights.hf import save_hf
+
+    save_hf(load_model(base).model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, str(run / "adapters" / "alpaca-peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x).logits, outs[0], atol=1e-4, rtol=0)
