@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--max-eval", type=int, default=60)
     ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--model", default="", help="base model spec (default: the recipes' SmolLM2)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training recipe override")
     ap.add_argument("--results", default=str(Path(__file__).parent / "RESULTS.md"), help="results file to update")
     args = ap.parse_args()
     model = [f"model.spec={args.model}"] if args.model else []
@@ -69,7 +70,7 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|---:|"]
     for task in args.tasks.split(","):
         run = Path(getattr(args, f"{task}_run") or train(task, f"runs/bench-qa-{task}", args.max_train, args.epochs,
-                                                                  model))
+                                                                  model + args.set))
         res = evaluate_recipe(RECIPES[task], [f"data.max_eval={args.max_eval}", *model], str(run / "adapters" / task),
                               args.retries)
         (run / "qa_eval.json").write_text(json.dumps(res, indent=2) + "\n")

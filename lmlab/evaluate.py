@@ -258,18 +258,11 @@ def split_ppl(curve: torch.Tensor, context: int) -> dict[str, float]:
 def run_validation_tokens(run_dir: Path) -> tuple[Any, Any, Any]:
     """(config, tokenizer, validation TokenSplit) of a run, rebuilt from its config.yaml the way
     `lmlab run` builds them (the token cache makes this a lookup, not a re-tokenization)."""
-    from lmlab.data import build_shards, read_documents
-    from lmlab.run import build_tokenizer
+    from lmlab.run import prepare_data
     from lmlab.runconfig import load_config
 
     cfg = load_config(run_dir / "config.yaml")
-    d = cfg.data
-    docs, digest = read_documents(d.path, field=d.field, column=d.column, separator=d.doc_separator, hf_split=d.hf_split)
-    val_docs, val_digest = (read_documents(d.val_path, field=d.field, column=d.column, separator=d.doc_separator,
-                                           hf_split=d.hf_split) if d.val_path else (None, ""))
-    tokenizer, tok_id = build_tokenizer(d.tokenizer, docs + (val_docs or []))
-    _, val = build_shards(docs, digest, tokenizer, tok_id, cache_dir=d.cache_dir, val_fraction=d.val_fraction,
-                          val_docs=val_docs, val_digest=val_digest, add_bos=d.add_bos, add_eos=d.add_eos)
+    tokenizer, _, val = prepare_data(cfg.data)
     return cfg, tokenizer, val
 
 

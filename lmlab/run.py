@@ -139,8 +139,23 @@ def run_recipe(path: str | Path | None, overrides: list[str] = ()) -> Path:
     return run_config(cfg)
 
 
+def prepare_data(d: Any) -> tuple[Any, Any, Any]:
+    """(tokenizer, train split, validation split) of a recipe's data section: documents -> tokenizer ->
+    token shards (cached by content hash, so a second call is a lookup)."""
+    from lmlab.data import build_shards, read_documents
+
+    docs, digest = read_documents(d.path, field=d.field, column=d.column, separator=d.doc_separator, hf_split=d.hf_split)
+    val_docs, val_digest = read_documents(d.val_path, field=d.field, column=d.column, separator=d.doc_separator,
+                                          hf_split=d.hf_split) if d.val_path else (None, "")
+    tokenizer, tok_id = build_tokenizer(d.tokenizer, docs + (val_docs or []))
+    train_split, val_split = build_shards(docs, digest, tokenizer, tok_id, cache_dir=d.cache_dir,
+                                          val_fraction=d.val_fraction, val_docs=val_docs, val_digest=val_digest,
+                                          add_bos=d.add_bos, add_eos=d.add_eos)
+    return tokenizer, train_split, val_split
+
+
 def run_config(cfg: RunConfig) -> Path:
-    from lmlab.data import Layout, PaddedChunks, RandomWindows, build_shards, check_length, eval_batches, read_documents
+    from lmlab.data import Layout, PaddedChunks, RandomWindows, check_length, eval_batches
     from lmlab.optim import build_optimizer
     from lmlab.precision import Precision, peak_flops, resolve_device
     from lmlab.schedule import Schedule
@@ -155,20 +170,14 @@ def run_config(cfg: RunConfig) -> Path:
     seed_everything(cfg.train.seed)
 
     # data: rank 0 tokenizes into the cache, the others wait and read it
-    d = cfg.data
-    if not d.path:
+    if not cfg.data.path:
         raise ConfigError("data.path is empty: set the corpus file (e.g. data.path=${data_dir}/tinyshakespeare/input.txt)")
-    docs, digest = read_documents(d.path, field=d.field, column=d.column, separator=d.doc_separator, hf_split=d.hf_split)
-    val_docs, val_digest = read_documents(d.val_path, field=d.field, column=d.column, separator=d.doc_separator,
-                                          hf_split=d.hf_split) if d.val_path else (None, "")
-    tokenizer, tok_id = build_tokenizer(d.tokenizer, docs + (val_docs or []))
-    shard_args = dict(cache_dir=d.cache_dir, val_fraction=d.val_fraction, val_docs=val_docs, val_digest=val_digest,
-                      add_bos=d.add_bos, add_eos=d.add_eos)
     for turn in ([0, 1] if dist.world > 1 else [0]):
         if (dist.rank == 0) == (turn == 0):
-            train_split, val_split = build_shards(docs, digest, tokenizer, tok_id, **shard_args)
+            tokenizer, train_split, val_split = prepare_data(cfg.data)
         if dist.world > 1:
             torch.distributed.barrier()
+    d = cfg.data
 
     model = build_model(cfg.model, tokenizer.vocab_size)
     seq_len = d.seq_len or model.config.max_seq_len

@@ -18,7 +18,7 @@ from lmlab.losses import IGNORE_INDEX, lm_loss
 from lmlab.model import Transformer
 from lmlab.paths import smollm2_gguf
 from lmlab.runconfig import load_config
-from lmlab.tasks.sft import SFTConfig, perplexities, response_loss, run_sft
+from lmlab.tasks.sft import SFTConfig, perplexities, run_sft
 from lmlab.tokenization import load_tokenizer
 
 
@@ -120,15 +120,16 @@ def test_bad_examples_are_skipped_and_counted_never_fully_masked(tok):
         InstructBatches([], 2, 1, 0, 0)
 
 
-def test_response_loss_equals_lm_loss_and_packing_keeps_the_targets(tok):
+def test_masked_loss_counts_response_tokens_and_packing_keeps_them(tok):
     model = tiny()
     recs = [REC, {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
             {"instruction": "Translate 'cat'.", "input": "French", "output": "chat"}]
     examples = encode_examples(recs, Template("alpaca"), tok, 256).examples
     batch = collate(examples, pad_id=tok.pad_id)
-    a, na = response_loss(model, batch)
-    b, nb = lm_loss(model, batch)
-    assert int(na) == int(nb) and torch.allclose(a, b, rtol=1e-4)
+    loss, na = lm_loss(model, batch)
+    logits = model(batch["input_ids"])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
+    assert int(na) == sum(len(e.ids) - e.n_prompt for e in examples) and torch.allclose(loss, want, rtol=1e-4)
     packed = pack(examples, max_len=64, sep_id=tok.eos_id)
     assert all(len(x) == len(y) <= 64 for x, y in packed)
     targets = sum(int((torch.tensor(y) != IGNORE_INDEX).sum()) for _, y in packed)

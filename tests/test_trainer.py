@@ -68,8 +68,10 @@ def test_accumulation_equals_one_big_batch_token_weighted():
     m1, r1 = run(2, _padded)
     m2, r2 = run(1, big)
     assert r1.train_loss == pytest.approx(r2.train_loss, abs=1e-6)
+    # 1e-5: float summation order differs between one batch and two (chunked loss kernel); a
+    # per-micro-batch mean instead of token weighting is off by ~1e-3 here
     for a, b in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):

@@ -116,7 +116,8 @@ def run_one(cfg: ClassifyConfig, out: Path) -> dict[str, Any]:
     t_pred = time.perf_counter()
     for name in SPLITS:
         if name in splits.data:
-            result[name] = _evaluate_split(cfg, name, splits, predict(encoded[name]), out)
+            known = result.get("train", {}).pop("best_dev_predictions", None) if name == "dev" else None
+            result[name] = _evaluate_split(cfg, name, splits, known or predict(encoded[name]), out)
     result["predict_time_s"] = time.perf_counter() - t_pred
     if cfg.classify.save_model and cfg.classify.method != "zeroshot":
         save_classifier(cfg, model, tokenizer, splits.label_names, out)
@@ -165,7 +166,7 @@ def train_classifier(cfg: ClassifyConfig, model: SequenceClassifier, encoded: di
     optimizer = build_optimizer(cfg, model)
     schedule = Schedule(cfg.optim.lr, round(t.warmup_fraction * total), total, 0.0, t.schedule)
     logger, progress = MetricsLogger(out / "metrics.jsonl"), Progress()
-    history, best, best_state = [], -1.0, None
+    history, best, best_state, best_preds = [], -1.0, None, None
     dev = "dev" in splits.data and cfg.classify.select_best
     try:
         for epoch in range(math.ceil(total / batches.steps_per_epoch)):
@@ -181,7 +182,7 @@ def train_classifier(cfg: ClassifyConfig, model: SequenceClassifier, encoded: di
                 row["dev_accuracy"] = sum(p == y for p, y in zip(preds, labels)) / max(len(labels), 1)
                 logger.log({"step": progress.step, "split": "dev", "accuracy": row["dev_accuracy"], "epoch": epoch + 1})
                 if row["dev_accuracy"] > best:
-                    best, best_state = row["dev_accuracy"], _trainable_state(model)
+                    best, best_state, best_preds = row["dev_accuracy"], _trainable_state(model), preds
             history.append(row)
     finally:
         logger.close()
@@ -190,7 +191,8 @@ def train_classifier(cfg: ClassifyConfig, model: SequenceClassifier, encoded: di
     best_epoch = max(history, key=lambda r: r.get("dev_accuracy", 0.0))["epoch"] if dev else len(history)
     return {"steps": progress.step, "epochs": history, "best_epoch": best_epoch, "train_time_s": progress.elapsed_s,
             "examples_per_s": progress.step * t.batch_size / max(progress.elapsed_s, 1e-9),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "best_dev_predictions": best_preds}  # the kept state's dev predictions: no second pass
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

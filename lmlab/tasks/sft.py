@@ -1,7 +1,8 @@
 """Supervised instruction fine-tuning with LoRA (`lmlab sft RECIPE.yaml [a.b=c ...]`), seed 000's recipe.
 
 setup (config, model, records -> seeded 5:1:1 split -> response-masked examples) -> perplexity before
--> LoRA -> `fit` (lmlab/trainer.py, the one loop) with the response-only loss -> perplexity after ->
+-> LoRA -> `fit` (lmlab/trainer.py, the one loop) with `lm_loss` on prompt-masked labels (only the
+response tokens count; lm_loss projects to the vocabulary only there) -> perplexity after ->
 samples for novel instructions -> adapter saved (lmlab + peft format) under the run folder by name.
 QA, summarization and math adapters are this same path with another `data.source` (recipes/qa/...).
 
@@ -20,14 +21,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from lmlab.data.instruct import (
     ALPACA_MARKER, Example, InstructBatches, Record, Template, encode_examples, eval_batches, read_alpaca,
     split_records,
 )
 from lmlab.errors import ConfigError
-from lmlab.losses import IGNORE_INDEX, Batch, _unwrap
+from lmlab.losses import IGNORE_INDEX, lm_loss
 from lmlab.lora import LoRAConfig
 from lmlab.runconfig import LoggingSection, PrecisionSection, ScheduleSection, load_config, save_config
 from lmlab.tasks.classify_config import ModelSection
@@ -162,18 +163,6 @@ class SFTConfig:
 # loss and perplexity
 
 
-def response_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """`lm_loss` (summed NLL, count) computing the vocabulary projection only where labels count.
-
-    Same value as lmlab.losses.lm_loss; with prompt masking most positions need no logits, and the
-    49k-wide projection is a fifth of a SmolLM2 forward pass.
-    """
-    hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_hidden=True)
-    keep = batch["labels"] != IGNORE_INDEX
-    logits = _unwrap(model).output(hidden[keep])  # (N, V)
-    return F.cross_entropy(logits.float(), batch["labels"][keep], reduction="sum"), keep.sum()
-
-
 @torch.no_grad()
 def perplexities(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int,
                  precision: Any) -> dict[str, float]:
@@ -301,7 +290,7 @@ def train_adapter(cfg: SFTConfig, model: nn.Module, train: list[Example], val: l
     model.train()
     trained = torch.compile(model) if cfg.precision.compile else model  # adapters are saved from `model`
     try:
-        result = fit(trained, response_loss, batches, optimizer, schedule, fit_cfg, precision,
+        result = fit(trained, lm_loss, batches, optimizer, schedule, fit_cfg, precision,
                      val_data=eval_batches(val, cfg.eval.batch_size, pad_id), logger=logger)
     finally:
         logger.close()
