@@ -207,3 +207,12 @@ def test_tiny_end_to_end_run_lowers_conditional_perplexity(tmp_path, tok, shared
     peft_model = peft.PeftModel.from_pretrained(hf, str(run / "adapters" / "alpaca-peft")).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, outs[0], atol=1e-4, rtol=0)
+
+
+def test_test_paths_replace_the_test_split(shared_data):
+    from lmlab.tasks.sft import load_splits
+
+    cfg = load_config("recipes/sft/gsm8k-lora-smollm2.yaml", ["data.max_train=3", "data.max_eval=5"], schema=SFTConfig)
+    train, val, test = load_splits(cfg)
+    assert (len(train), len(val), len(test)) == (3, 0, 5)
+    assert test[0]["answers"] == ["18"] and "Janet" in test[0]["question"]  # GSM8K test, first problem
