@@ -19,6 +19,7 @@ import torch
 from lmlab.generate import GenerationConfig, generate_ids
 from lmlab.loading import load_model
 from lmlab.paths import data_dir, smollm2_gguf
+from lmlab.quantize import quantize_int8
 from lmlab.sampling import SamplingConfig
 
 PROMPT_TOKENS, NEW_TOKENS = 208, 128
@@ -41,8 +42,10 @@ def _best(fn, repeats: int = 2) -> float:
     return min(times)
 
 
-def bench_lmlab(dtype: torch.dtype, prompt: list[int]) -> dict[str, float]:
+def bench_lmlab(dtype: torch.dtype, prompt: list[int], int8: bool = False) -> dict[str, float]:
     model = load_model("smollm2-135m-instruct", dtype=dtype).model
+    if int8:
+        quantize_int8(model, dtype)
 
     def run(batch: int, n: int) -> None:
         out = generate_ids(model, [prompt] * batch, GenerationConfig(n, SamplingConfig(temperature=0)))
@@ -108,7 +111,8 @@ def main() -> None:
     args = ap.parse_args()
     tok = load_model("smollm2-135m-instruct").tokenizer
     prompt = make_prompt(tok)
-    rows = {"lmlab bf16": bench_lmlab(torch.bfloat16, prompt), "lmlab fp32": bench_lmlab(torch.float32, prompt)}
+    rows = {"lmlab int8": bench_lmlab(torch.bfloat16, prompt, int8=True),
+            "lmlab bf16": bench_lmlab(torch.bfloat16, prompt), "lmlab fp32": bench_lmlab(torch.float32, prompt)}
     if not args.skip_transformers:
         rows["transformers fp32"] = bench_transformers(prompt)
     cpp = bench_llama_cpp(prompt)
@@ -121,12 +125,14 @@ def main() -> None:
     ratios = []
     if "transformers fp32" in rows:
         ref = rows["transformers fp32"]
-        for c in cols:
-            ratios.append(f"lmlab bf16 / transformers fp32, {c}: {rows['lmlab bf16'][c] / ref[c]:.2f}x")
+        for name in ("lmlab int8", "lmlab bf16"):
+            for c in cols:
+                ratios.append(f"{name} / transformers fp32, {c}: {rows[name][c] / ref[c]:.2f}x")
     if cpp:
-        ratios.append(
-            f"lmlab bf16 batch-8 total / llama.cpp batch-1: {rows['lmlab bf16']['decode_b8_tok_s'] / cpp['decode_b1_tok_s']:.2f}x"
-        )
+        for name in ("lmlab int8", "lmlab bf16"):
+            ratios.append(
+                f"{name} batch-8 total / llama.cpp batch-1: {rows[name]['decode_b8_tok_s'] / cpp['decode_b1_tok_s']:.2f}x"
+            )
     report = "\n".join(lines + [""] + [f"- {r}" for r in ratios])
     print(report)
     if args.record:

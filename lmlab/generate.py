@@ -68,8 +68,7 @@ def generate_ids(
         tokens[i, longest - len(p) :] = torch.tensor(list(p))
         mask[i, longest - len(p) :] = True
     tokens, mask = tokens.to(device), mask.to(device)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    cache = KVCache(model.config, B, longest + cfg.max_new_tokens, device=device, dtype=dtype)
+    cache = KVCache(model.config, B, longest + cfg.max_new_tokens, device=device, dtype=_cache_dtype(model, device))
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     seen = None
@@ -105,6 +104,14 @@ def generate_ids(
             seen.scatter_(1, next_ids[:, None], True)
         logits = model(next_ids[:, None], cache=cache, last_only=True)
     return outputs
+
+
+def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
+    """The weights' dtype, except fp32 on CPU: the decode step's small attention matmuls run about
+    3x faster in fp32 there than in bf16 (measured), and the cache of a small model is small."""
+    if device.type == "cpu":
+        return torch.float32
+    return model.tok_embeddings.weight.dtype
 
 
 def _prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,12 @@ def token_f1(prediction: str, references: Sequence[str]) -> float:
 
 def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure (x100), each prediction against its best reference."""
-    from rouge_score import rouge_scorer
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError("ROUGE needs the rouge-score package: pip install 'lmlab[eval]'") from None
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     totals = Counter()

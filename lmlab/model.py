@@ -103,8 +103,9 @@ class Attention(nn.Module):
             k, v = ctx.cache.update(self.layer, ctx.start, k, v)  # (B, Hkv, S, D)
             if ctx.key_cos is not None:
                 k = apply_rotary_emb(k.transpose(1, 2), ctx.key_cos, ctx.key_sin).transpose(1, 2)
+            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights (see generate.py)
         if T == 1 and ctx.cache is not None:
-            y = self._decode_attention(q, k, v, ctx.mask)
+            y = self._decode_attention(q, k, v, ctx.mask).to(x.dtype)
             return self.wo(y.reshape(B, 1, self.n_heads * self.head_dim))
         y = F.scaled_dot_product_attention(
             q, k, v,
@@ -113,7 +114,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim).to(x.dtype))
 
 
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
