@@ -37,7 +37,7 @@ class GenerationConfig:
 TokenCallback = Callable[[int, int], None]  # (row, token id)
 
 
-def _prefill_chunk(model: Transformer, cache: KVCache) -> int | None:
+def _prefill_chunk(cache: KVCache) -> int | None:
     """Largest prompt chunk the cache accepts at once (streaming caches evict between chunks)."""
     return cache.capacity - cache.sinks if cache.streaming else None
 
@@ -115,7 +115,7 @@ def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
 
 
 def _prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    chunk = _prefill_chunk(model, cache) or tokens.shape[1]
+    chunk = _prefill_chunk(cache) or tokens.shape[1]
     for start in range(0, tokens.shape[1], chunk):
         logits = model(tokens[:, start : start + chunk], mask[:, start : start + chunk], cache=cache, last_only=True)
     return logits
