@@ -44,9 +44,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, compute_dtype: torch.dtype, chunk: int) -> Tensor:
+        want_h, want_w = hidden.requires_grad, weight.requires_grad  # e.g. LoRA: the head is frozen
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start : start + chunk], labels[start : start + chunk]
@@ -55,8 +56,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logp.exp_()  # in place: softmax, then d loss / d logits = softmax - onehot
             probs.scatter_add_(1, yc[:, None], torch.full((yc.shape[0], 1), -1.0, device=probs.device))
             g = probs.to(compute_dtype)
-            grad_h[start : start + chunk] = g @ w
-            grad_w += (g.T @ hc).float()
+            if want_h:
+                grad_h[start : start + chunk] = g @ w
+            if want_w:
+                grad_w += (g.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
@@ -65,7 +68,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * grad_out).to(h_dtype), (grad_w * grad_out).to(w_dtype), None, None, None
+        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_elems: int = 1 << 24) -> Tensor:

@@ -62,8 +62,6 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from lmlab.generate import GenerationConfig, generate
     from lmlab.loading import load_model
     from lmlab.precision import inference_dtype
@@ -71,12 +69,12 @@ def run(args: argparse.Namespace) -> None:
 
     prompts = _read_prompts(args)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, dtype=inference_dtype(args.dtype, args.device),
-                        tokenizer=args.tokenizer)
+    dtype = inference_dtype(args.dtype, args.device)
+    loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
     if args.quantize == "int8":
         from lmlab.quantize import quantize_int8
 
-        quantize_int8(loaded.model, torch.float32 if args.dtype == "fp32" else torch.bfloat16)
+        quantize_int8(loaded.model, dtype)  # computes in the resolved dtype (bf16 or fp32)
     load_s = time.perf_counter() - t0
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p if args.temperature else None,
                               args.min_p, args.epsilon, args.repetition_penalty)
