@@ -33,33 +33,67 @@ def token_nll_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return loss, (labels != IGNORE_INDEX).sum()
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ W^T, y_i), chunked over rows, with both gradients computed in the forward.
+_WORKSPACE: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    The (N, vocab) logits are never materialized whole: per chunk, one matmul, one fused log-softmax
-    (its exp serves as the gradient softmax - onehot), and two matmuls for the gradients. That
-    replaces log_softmax, its backward, the fp32 copy and the zero-filled gradient of the full logits,
-    which take about a third of a small model's training step on CPU (large vocabularies).
+
+def _workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reused (rows, cols) scratch matrix. A fresh logits-sized tensor every step is hundreds of MB
+    that the allocator returns to the OS and page-faults back in (on CPU that alone made the logits
+    matmul ~20% slower); the fused loss uses it only inside its own forward, so one per dtype suffices."""
+    key = (device, dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        _WORKSPACE.pop(key, None)
+        buf = _WORKSPACE[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+    return buf[: rows * cols].view(rows, cols)
+
+
+def release_workspace() -> None:
+    """Free the fused loss's scratch memory (e.g. before generation in the same process)."""
+    _WORKSPACE.clear()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ W^T, y_i) with both gradients computed in the forward.
+
+    The logits are computed by one matmul into a (rows, vocab) buffer in the compute dtype, which is
+    then overwritten in place by d loss / d logits = softmax - onehot, a few rows at a time: each
+    slice's fp32 log-softmax fits in cache (on CPU that runs the elementwise work about 3x faster
+    than one pass over the whole matrix). Two more matmuls give both gradients. Nothing of vocab
+    size is ever held in fp32, and no separate logits gradient is materialized. Past `chunk` rows the
+    work is split and the weight gradient accumulated in fp32, to bound memory.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, compute_dtype: torch.dtype, chunk: int) -> Tensor:
         want_h, want_w = hidden.requires_grad, weight.requires_grad  # e.g. LoRA: the head is frozen
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        n, vocab = h.shape[0], w.shape[0]
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_w = None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, h.shape[0], chunk):
+        rows = max(1, (1 << 20) // vocab)  # rows per elementwise slice: ~4 MB of fp32
+        minus_one = torch.full((rows, 1), -1.0, device=hidden.device)
+        for start in range(0, n, chunk):
             hc, yc = h[start : start + chunk], labels[start : start + chunk]
-            logp = torch.log_softmax(hc @ w.T, dim=1, dtype=torch.float32)  # (c, V), one fused pass
-            loss -= logp.gather(1, yc[:, None]).sum()
-            probs = logp.exp_()  # in place: softmax, then d loss / d logits = softmax - onehot
-            probs.scatter_add_(1, yc[:, None], torch.full((yc.shape[0], 1), -1.0, device=probs.device))
-            g = probs.to(compute_dtype)
+            g = torch.mm(hc, w.T, out=_workspace(hc.shape[0], vocab, h.dtype, h.device))  # (c, V) logits,
+            # overwritten below by their gradient
+            for r in range(0, g.shape[0], rows):
+                y = yc[r : r + rows, None]
+                logp = torch.log_softmax(g[r : r + rows], dim=1, dtype=torch.float32)
+                loss -= logp.gather(1, y).sum()
+                probs = logp.exp_()  # softmax
+                probs.scatter_add_(1, y, minus_one[: y.shape[0]])  # - onehot
+                g[r : r + rows] = probs
             if want_h:
                 grad_h[start : start + chunk] = g @ w
             if want_w:
-                grad_w += (g.T @ hc).float()
+                if n <= chunk:
+                    grad_w = g.T @ hc  # one matmul, rounded once (as autograd would)
+                else:
+                    if grad_w is None:
+                        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                    grad_w += (g.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
@@ -68,12 +102,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        # the trainer backpropagates the summed loss itself: skip two passes of multiplying by 1
+        one = grad_out.device.type == "cpu" and float(grad_out) == 1.0
+        gh = gw = None
+        if grad_h is not None:
+            gh = grad_h.to(h_dtype) if one else (grad_h * grad_out).to(h_dtype)
+        if grad_w is not None:
+            gw = grad_w.to(w_dtype)
+            if not one:
+                gw = gw * grad_out if gw is grad_w else gw.mul_(grad_out)  # never scale the saved tensor
         return gh, gw, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_elems: int = 1 << 24) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_elems: int = 1 << 27) -> Tensor:
     """Summed CE of head(hidden) (N, D) -> (N, V) against labels (N,) (no ignored labels here).
 
     A plain bias-free nn.Linear head under autograd goes through the fused chunked kernel above; any
@@ -103,9 +144,13 @@ def lm_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     per token, so after the loop's division it contributes its coefficient-weighted mean."""
     raw = unwrap(model)
     hidden = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), return_hidden=True)
-    keep = batch["labels"] != IGNORE_INDEX
+    labels = batch["labels"]
+    keep = labels != IGNORE_INDEX
     n_tokens = keep.sum()
-    loss = linear_cross_entropy(hidden[keep], raw.output, batch["labels"][keep])
+    if int(n_tokens) == labels.numel():  # pretraining: every position counts, no gather needed
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), raw.output, labels.reshape(-1))
+    else:
+        loss = linear_cross_entropy(hidden[keep], raw.output, labels[keep])
     aux = getattr(raw, "aux_loss", None)
     if aux is not None:
         loss = loss + aux * n_tokens

@@ -34,9 +34,8 @@ def rope_angles(
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of the last dim of x (B, T, H, D) by the angles (B|1, T, 1, D/2).
 
-    Computed in fp32 and cast back, as in the reference implementations.
+    Computed in fp32 and cast back, as in the reference implementations; the pairs are read as
+    complex numbers (Meta's formulation), one kernel instead of six on CPU.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2)
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)

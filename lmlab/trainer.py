@@ -163,10 +163,13 @@ def _update(model: nn.Module, optimizer: torch.optim.Optimizer, precision: Preci
     if precision.scaler:
         precision.scaler.unscale_(optimizer)
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    # DDP averaged over processes; undo that to get sum-over-everything / global token count
-    torch._foreach_mul_(grads, _world_size() / max(n_tokens, 1))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    # DDP averaged over processes; undo that to get sum-over-everything / global token count. The
+    # division and the clipping share one pass over the gradients: norm(g * s) = s * norm(g).
+    scale = _world_size() / max(n_tokens, 1)
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True) * scale if grads else torch.zeros(())
+    factor = scale * (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip > 0 else torch.tensor(scale)
+    if grads:
+        torch._foreach_mul_(grads, factor.to(grads[0].device))
     if precision.scaler:
         precision.scaler.step(optimizer)
         precision.scaler.update()

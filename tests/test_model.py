@@ -174,3 +174,29 @@ def test_hidden_states_and_bf16() -> None:
     torch.testing.assert_close(model.output(hidden), model(x))
     out16 = model.to(torch.bfloat16)(x)
     assert out16.dtype == torch.bfloat16 and torch.isfinite(out16.float()).all()
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "sinks"])
+@pytest.mark.parametrize("T", [40, 300])  # 300: the causal path splits the queries into uneven blocks
+def test_math_attention_equals_sdpa(name: str, T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU takes three plain kernels for small score matrices (see use_math_attention): logits and
+    gradients must equal PyTorch's fused SDPA, with and without padding."""
+    import lmlab.model as model_mod
+
+    cfg = dict(VARIANTS[name], max_seq_len=T)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**cfg)).eval()
+    x = torch.randint(0, 97, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :5] = 0
+
+    def run(limit: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(model_mod, "MATH_ATTENTION_MAX_SCORES", limit)
+        model.zero_grad()
+        out = [model(x), model(x, attention_mask=mask)[1, 5:]]
+        (out[0].square().mean() + out[1].square().mean()).backward()
+        return out + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    math_path, sdpa = run(1 << 30), run(0)
+    for a, b in zip(math_path, sdpa, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
