@@ -87,7 +87,11 @@ def build_optimizer(
     decay_embeddings: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over `param_groups(model)`: impl lmlab | torch | torch-foreach | torch-fused."""
-    groups = param_groups(model, weight_decay, decay_embeddings)
+    return make_adamw(param_groups(model, weight_decay, decay_embeddings), impl, lr, betas, eps)
+
+
+def make_adamw(groups: list[dict], impl: str, lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    """The one place an `optim.impl` name becomes an optimizer (every recipe kind goes through here)."""
     kwargs = dict(lr=lr, betas=tuple(betas), eps=eps)
     if impl == "lmlab":
         return AdamW(groups, **kwargs)

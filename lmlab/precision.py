@@ -85,8 +85,9 @@ def peak_flops(device: torch.device, dtype_name: str) -> float:
 def measure_matmul_peak(device_type: str = "cpu", dtype_name: str = "fp32", n: int = 1024, seconds: float = 0.3) -> float:
     """Best observed FLOP/s of an n x n matmul in `dtype` (the machine's practical peak)."""
     dtype = DTYPES[dtype_name]
-    a = torch.randn(n, n, device=device_type).to(dtype)
-    b = torch.randn(n, n, device=device_type).to(dtype)
+    g = torch.Generator(device=device_type).manual_seed(0)  # never the global RNG: a run's dropout masks
+    a = torch.randn(n, n, device=device_type, generator=g).to(dtype)  # must not depend on whether the
+    b = torch.randn(n, n, device=device_type, generator=g).to(dtype)  # (cached) peak was measured before
     best, deadline = 0.0, time.perf_counter() + seconds
     for i in range(1000):
         if device_type == "cuda":

@@ -411,13 +411,19 @@ def field_docs(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
     import ast
     import inspect
 
+    own: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a section subclassing a shared one inherits its docs
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                own[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     docs: dict[str, str] = {}
-    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[f"{prefix}{node.target.id}"] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # in field order
+        if f.name in own:
+            docs[f"{prefix}{f.name}"] = own[f.name]
         if dataclasses.is_dataclass(hints[f.name]):
             docs.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
     return docs

@@ -27,6 +27,7 @@ from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_replace_dir
 
 STATE_FILE = "train_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"  # adapter-only checkpoints: the frozen base is not copied
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 
@@ -84,8 +85,10 @@ def _gather_rng() -> list[dict[str, Any]]:
 class Checkpointer:
     """Writes step and best checkpoints under `folder` (rank 0 only) and finds the newest one."""
 
-    def __init__(self, folder: str | Path, tokenizer: Any = None, keep_last: int = 0, is_main: bool = True):
+    def __init__(self, folder: str | Path, tokenizer: Any = None, keep_last: int = 0, is_main: bool = True,
+                 trainable_only: bool = False):
         self.folder, self.tokenizer, self.keep_last, self.is_main = Path(folder), tokenizer, keep_last, is_main
+        self.trainable_only = trainable_only  # LoRA: save the parameters that train, not the whole model
 
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
              scaler: Any = None, meta: dict[str, Any] | None = None) -> Path | None:
@@ -93,14 +96,25 @@ class Checkpointer:
         from lmlab.checkpoint import save_checkpoint
 
         rng = _gather_rng()  # collectives: every rank calls save
-        model, optim_state = _full_states(model, optimizer)
+        if self.trainable_only:
+            from lmlab.checkpoint import unwrap
+
+            model, optim_state = unwrap(model), optimizer.state_dict()
+        else:
+            model, optim_state = _full_states(model, optimizer)
         if not self.is_main:
             return None
         state = {"progress": asdict(progress), "optimizer": optim_state, "rng": rng,
                  "scaler": scaler.state_dict() if scaler is not None else None}
 
         def build(tmp: Path) -> None:
-            save_checkpoint(model, tmp, tokenizer=self.tokenizer)
+            if self.trainable_only:
+                from safetensors.torch import save_file
+
+                trainable = {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+                save_file(trainable, str(tmp / TRAINABLE_FILE))
+            else:
+                save_checkpoint(model, tmp, tokenizer=self.tokenizer)
             torch.save(state, tmp / STATE_FILE)
             (tmp / "meta.json").write_text(json.dumps({"step": progress.step, **(meta or {})}, indent=2))
 
@@ -160,13 +174,24 @@ def load_train_state(folder: str | Path, model: nn.Module, optimizer: torch.opti
     from lmlab.checkpoint import WEIGHTS, load_state_into, unwrap
 
     folder = Path(folder)
+    partial = (folder / TRAINABLE_FILE).is_file()
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        weights = load_file(str(folder / WEIGHTS))
+        weights = load_file(str(folder / (TRAINABLE_FILE if partial else WEIGHTS)))
     except (OSError, RuntimeError) as err:
         raise CheckpointError(f"{folder}: cannot resume from this checkpoint ({err})") from None
     raw = unwrap(model)
-    if _is_sharded(raw):  # FSDP: every rank reads the full copy and keeps its shard
+    if partial:  # adapter checkpoint: exactly the parameters that train, by name
+        params = {k: p for k, p in raw.named_parameters() if p.requires_grad}
+        if params.keys() != weights.keys():
+            missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+            raise CheckpointError(f"{folder / TRAINABLE_FILE}: does not match the trainable parameters "
+                                  f"(missing {missing[:5]}, unexpected {extra[:5]}); was the LoRA config changed?")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k])
+        optimizer.load_state_dict(state["optimizer"])
+    elif _is_sharded(raw):  # FSDP: every rank reads the full copy and keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         if raw.config.tie_embeddings:

@@ -4,6 +4,7 @@ LoRA fine-tuning that learn, head + adapter reload, prediction files, metrics, t
 from __future__ import annotations
 
 import json
+import math
 import random
 import shlex
 from pathlib import Path
@@ -165,7 +166,9 @@ def test_fine_tuning_learns_and_reloads_to_the_same_predictions(task, tmp_path: 
     result = run_classify(config(task, out, method, **{"optim.lr": lr, "train.epochs": 6, "classify.head_lr_mult": 3,
                                                          "data.test": "''"}))
     losses = _losses(out)
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # zero-initialized head: uniform at step 0
+    tail = losses[len(losses) * 3 // 4:]
+    assert sorted(tail)[len(tail) // 2] < 0.5 * losses[0], losses  # median of the last quarter
     assert result["dev"]["accuracy"] >= 0.9  # dev = the training lines here: well above chance (0.5)
     lines = (out / "dev-predictions.txt").read_text().splitlines()
     assert len(lines) == 36 and all(line.split(" ||| ")[0] in ("0", "1") for line in lines)

@@ -216,3 +216,48 @@ def test_test_paths_replace_the_test_split(shared_data):
     train, val, test = load_splits(cfg)
     assert (len(train), len(val), len(test)) == (3, 0, 5)
     assert test[0]["answers"] == ["18"] and "Janet" in test[0]["question"]  # GSM8K test, first problem
+
+
+def test_interrupted_sft_resumes_on_the_same_curve(tmp_path, tok, shared_data, monkeypatch):
+    """Adapter checkpoints (trainable weights + optimizer + RNG, written atomically every N steps):
+    a run that dies mid-step and is started again ends on the loss curve of one never interrupted."""
+    import json
+
+    import lmlab.tasks.sft as sft
+
+    base = tmp_path / "base"
+    save_checkpoint(tiny(), base, tokenizer=tok)
+
+    def config(out):
+        return load_config("recipes/sft/alpaca-lora-smollm2.yaml", [
+            f"out_dir={out}", f"model.spec={base}", "data.subset=70", "data.max_train=16", "data.max_eval=4",
+            "data.max_len=96", "train.max_steps=8", "train.batch_size=2", "train.grad_accum=2", "optim.lr=1e-2",
+            "schedule.warmup_steps=2", "lora.dropout=0.1", "precision.dtype=fp32", "checkpoint.every=3",
+            "eval.instructions=[]", "eval.perplexity=false", "logging.progress=false", "logging.log_every=1",
+            "export_peft=false",
+        ], schema=SFTConfig)
+
+    def curve(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return {(r["step"], r.get("split", "train")): r["loss"] for r in rows}
+
+    run_sft(config(tmp_path / "full"))
+    real, calls = sft.lm_loss, []
+
+    def dies_in_step_5(model, batch):
+        calls.append(1)
+        if len(calls) == 2 * 4 + 1:  # first micro-batch of step 5, after the step-3 checkpoint
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(sft, "lm_loss", dies_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(config(tmp_path / "killed"))
+    assert (tmp_path / "killed/checkpoints/step_0000003/trainable.safetensors").is_file()
+    assert not (tmp_path / "killed/checkpoints/step_0000006").exists()
+    monkeypatch.setattr(sft, "lm_loss", real)
+    run_sft(config(tmp_path / "killed"))
+    a, b = curve(tmp_path / "full"), curve(tmp_path / "killed")
+    assert a.keys() == b.keys() and len(a) == 8 + 1
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key

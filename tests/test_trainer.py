@@ -145,3 +145,19 @@ def test_run_recipe_writes_the_run_folder(tmp_path, shared_data):
     before = (out / "summary.json").read_text()
     run_recipe(recipe)  # finished runs are left alone
     assert (out / "summary.json").read_text() == before
+
+
+def test_tensorboard_logging_writes_the_scalars(tmp_path, shared_data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = write_tiny_recipe(tmp_path, shared_data)
+    out = run_recipe(recipe, ["train.max_steps=6", "train.eval_every=3", "logging.tensorboard=true"])
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(x for x in logged if "split" not in x)
+    assert events.Scalars("train/loss")[0].value == pytest.approx(first["loss"], rel=1e-6)

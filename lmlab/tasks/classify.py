@@ -63,7 +63,7 @@ def read_splits(cfg: ClassifyConfig) -> Splits:
     for name, path in wanted.items():
         if path:
             data = read_split(path, names, d.format, d.text_field, d.label_field, d.sst2)
-            splits.data[name] = data.head(d.max_train if name == "train" else d.max_eval)
+            splits.data[name] = data.sample(d.max_train if name == "train" else d.max_eval, seed=0)
             splits.label_names = data.label_names
     return splits
 
@@ -75,7 +75,7 @@ def label_phrase(names: list[str]) -> str:
 
 def input_format(cfg: ClassifyConfig, tokenizer, names: list[str]) -> PromptFormat:
     c = cfg.classify
-    text = c.prompt.replace("{labels}", label_phrase(names)) if c.method == "zeroshot" else c.template
+    text = (c.prompt if c.method == "zeroshot" else c.template).replace("{labels}", label_phrase(names))
     return prompt_format(tokenizer, text, cfg.data.max_len, chat=c.chat, system=c.system,
                          truncation=cfg.data.truncation)
 
@@ -143,13 +143,12 @@ def build_classifier(cfg: ClassifyConfig, backbone: nn.Module, n_labels: int) ->
 def build_optimizer(cfg: ClassifyConfig, model: SequenceClassifier) -> torch.optim.Optimizer:
     """AdamW with the backbone's trainable weights first (the schedule's base) and the head at
     lr * head_lr_mult. Norms, biases and embeddings never decay (lmlab.optim.param_groups)."""
-    from lmlab.optim import AdamW, param_groups
+    from lmlab.optim import make_adamw, param_groups
 
     o = cfg.optim
-    groups = param_groups(model.backbone, o.weight_decay) + [
+    groups = param_groups(model.backbone, o.weight_decay, o.decay_embeddings) + [
         {**g, "lr": o.lr * cfg.classify.head_lr_mult} for g in param_groups(model.head, o.weight_decay)]
-    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    return AdamW(groups, **kwargs) if o.impl == "lmlab" else torch.optim.AdamW(groups, **kwargs)
+    return make_adamw(groups, o.impl, o.lr, tuple(o.betas), o.eps)
 
 
 def train_classifier(cfg: ClassifyConfig, model: SequenceClassifier, encoded: dict, splits: Splits, tokenizer,

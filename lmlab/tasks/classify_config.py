@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lmlab import runconfig
 from lmlab.runconfig import LoggingSection, PrecisionSection
 
 SEED_PROMPT = "{text} Is this movie {labels}? This movie is"
@@ -53,9 +54,9 @@ class DataSection:
     truncation: Literal["head", "tail", "middle"] = "middle"
     """Which tokens of a long text to keep: start, end, or first quarter + last three quarters."""
     max_train: int = 0
-    """Use only the first N training examples (0 = all): quick runs and timing."""
+    """Use a random N of the training examples (fixed seed 0, file order kept; 0 = all): quick runs."""
     max_eval: int = 0
-    """Use only the first N dev/test examples (0 = all)."""
+    """Use a random N of the dev/test examples (fixed seed 0, file order kept; 0 = all)."""
 
 
 @dataclass
@@ -71,7 +72,9 @@ class ClassifySection:
     head_lr_mult: float = 1.0
     """Head learning rate = optim.lr times this (a fresh head learns slowly at fine-tuning rates)."""
     template: str = "{text}"
-    """Fine-tuning input template; must contain {text}."""
+    """Fine-tuning input template; must contain {text}; {labels} becomes "a, b, or c". The seed feeds the bare
+    text; ending on a question about the label (as the zero-shot prompt does) makes the last hidden state,
+    where the head reads, already hold the model's answer: the SmolLM2 recipes do that."""
     prompt: str = SEED_PROMPT
     """Zero-shot prompt; {text} is the example, {labels} the names joined as "a, b, or c" (seed prompt)."""
     verbalizers: list[str] = field(default_factory=list)
@@ -135,11 +138,9 @@ class TrainSection:
 
 
 @dataclass
-class OptimSection:
-    """AdamW (lmlab/optim.py); seed defaults."""
+class OptimSection(runconfig.OptimSection):
+    """AdamW (lmlab/optim.py) with the seed's defaults; the fields are the pretraining recipe's."""
 
-    impl: Literal["lmlab", "torch"] = "lmlab"
-    """lmlab's AdamW or torch.optim.AdamW."""
     lr: float = 2e-5
     """Peak learning rate (seed: 2e-5)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -30,7 +30,8 @@ from lmlab.data.instruct import (
 from lmlab.errors import ConfigError
 from lmlab.losses import IGNORE_INDEX, lm_loss
 from lmlab.lora import LoRAConfig
-from lmlab.runconfig import LoggingSection, PrecisionSection, ScheduleSection, load_config, save_config
+from lmlab.runconfig import (CheckpointSection, LoggingSection, OptimSection, PrecisionSection, ScheduleSection, TrainSection,
+                             load_config, save_config)
 from lmlab.tasks.classify_config import ModelSection
 
 NOVEL_INSTRUCTIONS = [  # seed 000's out-of-distribution checks
@@ -78,31 +79,29 @@ class InstructDataSection:
 
 
 @dataclass
-class SFTTrainSection:
-    """Loop length and batch geometry (seed 000: 3 epochs, micro-batch 4 with accumulation)."""
+class SFTTrainSection(TrainSection):
+    """The pretraining loop's fields with seed 000's defaults: 3 epochs, micro-batch 4 with accumulation."""
 
-    epochs: float = 3.0
-    """Passes over the training split."""
     max_steps: int = 0
     """Optimizer steps; 0 = derive from epochs."""
+    epochs: float = 3.0
+    """Passes over the training split."""
     batch_size: int = 4
     """Examples per micro-batch."""
     grad_accum: int = 4
     """Micro-batches per optimizer step (token-weighted)."""
-    grad_clip: float = 1.0
-    """Max gradient L2 norm; 0 = none."""
     eval_every: int = 0
     """Validation loss every N steps (and at the end); 0 = only at the end."""
     seed: int = 42
     """Seeds LoRA init, dropout and batch order."""
-    threads: int = 0
-    """torch CPU threads; 0 = torch's default."""
 
 
 @dataclass
-class SFTOptimSection:
-    """AdamW over the adapter weights only."""
+class SFTOptimSection(OptimSection):
+    """AdamW over the adapter weights only (the pretraining recipe's fields, LoRA defaults)."""
 
+    impl: Literal["lmlab", "torch", "torch-foreach", "torch-fused"] = "torch"
+    """lmlab's own AdamW or torch.optim.AdamW (default, foreach or fused kernel)."""
     lr: float = 2e-4
     """Peak learning rate (typical for LoRA; seed 000)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -153,6 +152,8 @@ class SFTConfig:
     """Device and autocast dtype."""
     logging: LoggingSection = field(default_factory=LoggingSection)
     """metrics.jsonl cadence, progress bar."""
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(best=False))
+    """Adapter + optimizer checkpoints every N steps (checkpoints/step_N/, atomic) and resume."""
     eval: SFTEvalSection = field(default_factory=SFTEvalSection)
     """Perplexity and samples."""
     export_peft: bool = True
@@ -275,23 +276,32 @@ def train_adapter(cfg: SFTConfig, model: nn.Module, train: list[Example], val: l
     from lmlab.optim import build_optimizer
     from lmlab.precision import peak_flops
     from lmlab.schedule import Schedule
+    from lmlab.train_state import Checkpointer, load_train_state
     from lmlab.trainer import FitConfig, MetricsLogger, fit
 
     t, o, s, lg = cfg.train, cfg.optim, cfg.schedule, cfg.logging
     batches = InstructBatches(train, t.batch_size, t.grad_accum, t.seed, pad_id, cfg.data.packing, cfg.data.max_len)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
-    optimizer = build_optimizer(model, "torch", o.lr, tuple(o.betas), 1e-8, o.weight_decay)
+    optimizer = build_optimizer(model, o.impl, o.lr, tuple(o.betas), o.eps, o.weight_decay, o.decay_embeddings)
     schedule = Schedule(o.lr, s.warmup_steps, s.decay_steps or max_steps, s.min_lr, s.kind)
     fit_cfg = FitConfig(max_steps=max_steps, grad_accum=t.grad_accum, grad_clip=t.grad_clip, eval_every=t.eval_every,
                         log_every=lg.log_every, keep_best=False, progress_bar=lg.progress,
+                        checkpoint_every=cfg.checkpoint.every,
                         flops_per_token=model.flops_per_token(cfg.data.max_len),
                         peak_flops=lg.peak_tflops * 1e12 or peak_flops(precision.device, cfg.precision.dtype))
-    logger = MetricsLogger(out / "metrics.jsonl", out / "tb" if lg.tensorboard else None)
+    checkpointer = Checkpointer(out / "checkpoints", keep_last=cfg.checkpoint.keep_last, trainable_only=True)
+    progress, latest = None, checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is not None:  # the batches are a function of the step: resuming replays the same data order
+        progress = load_train_state(latest, model, optimizer, precision.scaler)
+        print(f"resuming from {latest} (step {progress.step} of {max_steps})")
+    logger = MetricsLogger(out / "metrics.jsonl", out / "tb" if lg.tensorboard else None,
+                           resume_step=progress.step if progress else None)
     model.train()
     trained = torch.compile(model) if cfg.precision.compile else model  # adapters are saved from `model`
     try:
         result = fit(trained, lm_loss, batches, optimizer, schedule, fit_cfg, precision,
-                     val_data=eval_batches(val, cfg.eval.batch_size, pad_id), logger=logger)
+                     val_data=eval_batches(val, cfg.eval.batch_size, pad_id), logger=logger,
+                     checkpointer=checkpointer, progress=progress)
     finally:
         logger.close()
     return {"steps": max_steps, "train_loss": result.train_loss, "val_loss": result.val_loss,
