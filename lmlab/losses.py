@@ -22,35 +22,20 @@ Batch = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
 
 
-def token_nll_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of logits (B, T, V) against labels (B, T), and the unmasked-token count.
-
-    Computed in fp32: under autocast the logits may be bf16, whose log-softmax loses ~2 digits.
-    """
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (labels != IGNORE_INDEX).sum()
-
-
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
 def _workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A reused (rows, cols) scratch matrix. A fresh logits-sized tensor every step is hundreds of MB
     that the allocator returns to the OS and page-faults back in (on CPU that alone made the logits
-    matmul ~20% slower); the fused loss uses it only inside its own forward, so one per dtype suffices."""
+    matmul ~20% slower); the fused loss uses it only inside its own forward, so one per dtype suffices.
+    It lives as long as the process (at most 2^27 logits: 256 MB in bf16)."""
     key = (device, dtype)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < rows * cols:
         _WORKSPACE.pop(key, None)
         buf = _WORKSPACE[key] = torch.empty(rows * cols, dtype=dtype, device=device)
     return buf[: rows * cols].view(rows, cols)
-
-
-def release_workspace() -> None:
-    """Free the fused loss's scratch memory (e.g. before generation in the same process)."""
-    _WORKSPACE.clear()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -93,11 +93,14 @@ class TrainSection:
     """torch CPU threads; 0 = torch's default."""
 
 
+OptimImpl = Literal["lmlab", "torch", "torch-foreach", "torch-fused"]  # built by lmlab.optim.make_adamw
+
+
 @dataclass
 class OptimSection:
     """AdamW settings (see lmlab/optim.py)."""
 
-    impl: Literal["lmlab", "torch", "torch-foreach", "torch-fused"] = "lmlab"
+    impl: OptimImpl = "lmlab"
     """lmlab's own AdamW or torch.optim.AdamW (default, foreach or fused kernel)."""
     lr: float = 1e-3
     """Peak learning rate."""

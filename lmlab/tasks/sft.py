@@ -30,8 +30,8 @@ from lmlab.data.instruct import (
 from lmlab.errors import ConfigError
 from lmlab.losses import IGNORE_INDEX, lm_loss
 from lmlab.lora import LoRAConfig
-from lmlab.runconfig import (CheckpointSection, LoggingSection, OptimSection, PrecisionSection, ScheduleSection, TrainSection,
-                             load_config, save_config)
+from lmlab.runconfig import (CheckpointSection, LoggingSection, OptimImpl, OptimSection, PrecisionSection,
+                             ScheduleSection, TrainSection, load_config, save_config)
 from lmlab.tasks.classify_config import ModelSection
 
 NOVEL_INSTRUCTIONS = [  # seed 000's out-of-distribution checks
@@ -100,7 +100,7 @@ class SFTTrainSection(TrainSection):
 class SFTOptimSection(OptimSection):
     """AdamW over the adapter weights only (the pretraining recipe's fields, LoRA defaults)."""
 
-    impl: Literal["lmlab", "torch", "torch-foreach", "torch-fused"] = "torch"
+    impl: OptimImpl = "torch"
     """lmlab's own AdamW or torch.optim.AdamW (default, foreach or fused kernel)."""
     lr: float = 2e-4
     """Peak learning rate (typical for LoRA; seed 000)."""
