@@ -150,11 +150,20 @@ def generate(
     chat: bool = False,
     system: str | None = None,
     stream: TextCallback | None = None,
+    batch_size: int | None = None,
 ) -> list[str]:
-    """Generated text for each prompt (stop strings and stop tokens excluded)."""
+    """Generated text for each prompt (stop strings and stop tokens excluded).
+
+    batch_size: None decodes every prompt in one left-padded batch. With a size, prompts are sorted by
+    length and run in batches of that many, so an evaluation over hundreds of prompts neither pads them
+    all to the longest nor holds one huge cache; outputs come back in the prompts' order. Greedy outputs
+    do not depend on it; sampled ones do (each batch draws from the same seed).
+    """
     from lmlab.tokenization import StreamDecoder
 
     ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive integer or None")
     stop_ids = tuple(set(cfg.stop_ids) | set(tokenizer.stop_ids))
     cfg = GenerationConfig(cfg.max_new_tokens, cfg.sampling, stop_ids, tuple(cfg.stop_strings), cfg.seed)
     decoders = [StreamDecoder(tokenizer) for _ in prompts]
@@ -170,7 +179,16 @@ def generate(
         return cut_at_stop(texts[row], cfg.stop_strings)[1]
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    outputs = generate_ids(
-        model, ids, cfg, pad_id=pad, on_token=on_token, should_stop=should_stop if cfg.stop_strings else None
-    )
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if batch_size else list(range(len(ids)))
+    step = batch_size or max(len(ids), 1)
+    outputs: list[list[int]] = [[] for _ in ids]
+    for start in range(0, len(order), step):
+        rows = order[start : start + step]  # batch row j is prompt rows[j]
+        new = generate_ids(
+            model, [ids[i] for i in rows], cfg, pad_id=pad,
+            on_token=lambda j, token, rows=rows: on_token(rows[j], token),
+            should_stop=(lambda j, new_ids, rows=rows: should_stop(rows[j], new_ids)) if cfg.stop_strings else None,
+        )
+        for i, out in zip(rows, new):
+            outputs[i] = out
     return [cut_at_stop(tokenizer.decode(out), cfg.stop_strings)[0] for out in outputs]

@@ -310,10 +310,16 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N plus attention 12*L*H*D*T (PaLM appendix B, as nanoGPT)."""
+        """Training FLOPs per token (PaLM appendix B, as nanoGPT): per matmul weight 2 forward + 2 backward
+        to the inputs, + 2 for its own gradient only if it trains (6N in full training; a LoRA-frozen base
+        costs 4N), plus attention 12*L*H*D*T. Embedding lookups are free unless tied to the output."""
         c = self.config
-        n = self.num_params(non_embedding=True) + (c.vocab_size * c.dim if c.tie_embeddings else 0)
-        return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+        lookups = {id(e.weight) for e in (self.tok_embeddings, self.pos_embeddings) if e is not None}
+        if c.tie_embeddings:
+            lookups.discard(id(self.tok_embeddings.weight))
+        weights = [p for p in self.parameters() if id(p) not in lookups]
+        n, trained = sum(p.numel() for p in weights), sum(p.numel() for p in weights if p.requires_grad)
+        return 4 * n + 2 * trained + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
     def forward(
         self,

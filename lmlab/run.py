@@ -25,7 +25,7 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.losses import lm_loss
-from lmlab.runconfig import ModelSection, RunConfig, load_config, save_config
+from lmlab.runconfig import ModelSection, RunConfig, check_resume_config, load_config, save_config
 from lmlab.trainer import FitConfig, FitResult, MetricsLogger, fit
 
 
@@ -204,6 +204,7 @@ def run_config(cfg: RunConfig) -> Path:
     checkpointer = Checkpointer(out / "checkpoints", tokenizer, cfg.checkpoint.keep_last, dist.is_main)
     progress, latest = None, checkpointer.latest() if cfg.checkpoint.resume else None
     if latest is not None:
+        check_resume_config(out, cfg)
         progress = load_train_state(latest, model, optimizer, precision.scaler, dist.rank)
         if progress.step >= max_steps and (out / "summary.json").is_file():
             if dist.is_main:

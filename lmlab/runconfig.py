@@ -409,6 +409,42 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+RESUME_SAFE = ("out_dir", "logging.", "checkpoint.", "eval.", "sample.", "export_peft", "train.max_steps",
+               "train.epochs", "train.eval_every", "train.threads", "precision.compile", "data.max_eval",
+               "data.val_batches")
+"""Keys a resumed run may change: what it logs, saves and evaluates, and how long it goes on. Anything else
+(data, model, batch geometry, optimizer, schedule shape, seeds) would splice two different runs."""
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"seed": 1}} -> {"train.seed": 1}."""
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, child in node.items():
+        out.update(_flat(child, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def check_resume_config(run_dir: str | Path, cfg: Any) -> None:
+    """Refuse to resume `run_dir`'s checkpoints under a config that differs from the one that wrote them
+    (run_dir/config.yaml) in any key outside RESUME_SAFE, naming each changed key."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        before = _flat(yaml.safe_load(saved.read_text()) or {})
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{saved}: unreadable ({err}); cannot tell whether its checkpoints fit this config") from None
+    now = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    changed = [k for k in sorted(before.keys() | now.keys())
+               if before.get(k) != now.get(k) and not k.startswith(RESUME_SAFE)]
+    if changed:
+        diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise ConfigError(f"{run_dir}: its checkpoints come from a run with a different config ({diffs}); resuming "
+                          "would splice two runs. Use another out_dir, or the same settings to resume.")
+
+
 def field_docs(cls: type = RunConfig, prefix: str = "") -> dict[str, str]:
     """Dotted key -> the field's docstring (for `lmlab run --help-config` and the config guide)."""
     import ast

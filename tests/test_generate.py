@@ -90,6 +90,18 @@ def test_batched_equals_one_by_one() -> None:
     assert batched == [generate_ids(model, [p], cfg)[0] for p in prompts]
 
 
+def test_text_batches_keep_prompt_order_and_greedy_outputs() -> None:
+    tok = CharTokenizer.from_text("abcdefghij klmnop\n")
+    model = tiny_model(vocab_size=tok.vocab_size)
+    prompts = ["abcdefg", "a", "klm", "b", "hij kl", "ppp"]
+    cfg = GenerationConfig(max_new_tokens=12, sampling=GREEDY, stop_strings=("k",))
+    alone = [generate(model, tok, [p], cfg)[0] for p in prompts]
+    assert generate(model, tok, prompts, cfg, batch_size=4) == alone  # sorted by length, returned in order
+    assert generate(model, tok, prompts, cfg) == alone
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(model, tok, prompts, cfg, batch_size=0)
+
+
 def test_seed_reproduces_and_stop_ids_end_rows() -> None:
     model = tiny_model()
     cfg = GenerationConfig(max_new_tokens=25, sampling=SamplingConfig(temperature=1.0, top_p=0.95), seed=123)

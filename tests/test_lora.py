@@ -155,6 +155,20 @@ def test_only_lora_and_trainable_params_get_gradients():
     assert got == names
 
 
+def test_flops_per_token_skips_weight_gradients_of_the_frozen_base():
+    """MFU counts 6 FLOPs per weight per token in full training; a frozen base weight needs no weight
+    gradient, so LoRA costs 4 per base weight + 6 per adapter weight (else MFU reads above 1)."""
+    for tie in (False, True):
+        model = tiny(tie_embeddings=tie)
+        c = model.config
+        attention = 12 * c.n_layers * c.n_heads * c.head_dim * 32
+        matmul = model.num_params(non_embedding=True) + (c.vocab_size * c.dim if tie else 0)
+        assert model.flops_per_token(32) == 6 * matmul + attention
+        apply_lora(model, LoRAConfig(rank=4))
+        adapter = sum(p.numel() for p in lora_parameters(model))
+        assert model.flops_per_token(32) == 4 * (matmul + adapter) + 2 * adapter + attention
+
+
 def test_lora_training_lowers_the_loss():
     model = apply_lora(tiny(), LoRAConfig(rank=4, alpha=8, target_modules=ALL))
     base_w = model.layers[0].attention.wq.weight.clone()

@@ -1,4 +1,4 @@
-"""QA adapters: MCQ/SAQ readers, validators, retry with a changed seed/temperature, the router switching
+"""QA adapters: MCQ/SAQ readers, validators, retry with a changed seed, the router switching
 adapters on one base, the zero-shot letter baseline, scores, and loading adapters (lmlab + peft) by task."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def test_saq_validator(text, ok):
     assert validate_saq(text, {}) == ok
 
 
-def test_retry_changes_seed_and_temperature_until_valid(tok):
+def test_retry_samples_with_a_new_seed_until_valid(tok):
     model = tiny()
     records = [{"instruction": "Say something.", "input": "", "output": "x"} for _ in range(2)]
     calls: dict[int, int] = {}
@@ -133,7 +133,7 @@ def test_router_picks_the_adapter_per_request_on_one_base(tok):
 def test_letter_logprob_baseline_is_batch_invariant(tok, shared_data):
     model = tiny()
     records = read_arc(shared_data / "arc-challenge" / "ARC-Challenge-Dev.jsonl")[:5]
-    batched = letter_logprob_predict(model, tok, records, CHAT, batch_size=5)
+    batched = letter_logprob_predict(model, tok, records, CHAT, batch_size=2)  # length-sorted batches
     from lmlab.generate import encode_prompt
 
     letters = [tok.encode(ch)[0] for ch in "ABCDE"]
@@ -206,3 +206,13 @@ def test_qa_eval_on_a_recipe_split(tmp_path, tok):
     res = evaluate_recipe("recipes/qa/mcq-smollm2.yaml", [f"model.spec={base}", "data.max_eval=3"], max_retries=1)
     assert res["n_test"] == 3 and 0 <= res["zero_shot_logprob"]["accuracy"] <= 1
     assert set(res["base_0shot"]) >= {"accuracy", "valid_after_retry", "needed_retry", "invalid"}
+    assert sum(res["zero_shot_logprob"]["picked"].values()) == sum(res["zero_shot_logprob"]["answers"].values()) == 3
+    # with an adapter: it is scored both ways, and its letter scoring differs from the adapter-free baseline
+    from lmlab.loading import load_model
+
+    model = with_adapters(load_model(base).model, names=("mcq",))
+    save_adapter(model, tmp_path / "mcq")
+    overrides = [f"model.spec={base}", "data.max_eval=8", "precision.dtype=fp32"]
+    res = evaluate_recipe("recipes/qa/mcq-smollm2.yaml", overrides, str(tmp_path / "mcq"), max_retries=0)
+    assert res["dtype"] == "fp32" and {"zero_shot_logprob", "adapter_logprob", "adapter"} <= set(res)
+    assert res["adapter_logprob"]["picked"] != res["zero_shot_logprob"]["picked"]

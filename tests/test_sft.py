@@ -147,6 +147,30 @@ def test_batches_cover_each_epoch_and_are_reproducible():
     assert torch.equal(again(3, 0)["input_ids"], src(3, 0)["input_ids"])
 
 
+def test_micro_batches_of_a_step_are_sorted_by_length():
+    """With accumulation, a step's examples are spread over its micro-batches shortest first (little
+    padding), each example still once per epoch, and a micro-batch is the same whenever it is asked for."""
+    lengths = [3, 17, 5, 11, 2, 13, 7, 19, 4, 9, 6, 15]
+    examples = [Example(list(range(100 * i, 100 * i + n)), 1) for i, n in enumerate(lengths)]
+    src = InstructBatches(examples, batch_size=2, grad_accum=3, seed=1, pad_id=-1)
+    firsts, padded = [], 0
+    for step in range(src.steps_per_epoch):
+        widths = []
+        for micro in range(3):
+            ids = src(step, micro)["input_ids"]
+            widths.append(ids.shape[1])
+            padded += int((ids == -1).sum())
+            firsts += [int(r[0]) // 100 for r in ids]
+        assert widths == sorted(widths)
+    assert sorted(firsts) == list(range(12))
+    assert torch.equal(InstructBatches(examples, 2, 3, seed=1, pad_id=-1)(1, 2)["input_ids"], src(1, 2)["input_ids"])
+    # the unsorted order of the same steps pads more
+    order = [src.items[i] for i in src._order(0)]
+    unsorted = sum(max(len(e.ids) for e in order[j: j + 2]) * 2 - sum(len(e.ids) for e in order[j: j + 2])
+                   for j in range(0, 12, 2))
+    assert padded < unsorted
+
+
 def test_conditional_perplexity_counts_response_tokens_only(tok):
     from lmlab.precision import Precision
 
@@ -210,12 +234,18 @@ def test_tiny_end_to_end_run_lowers_conditional_perplexity(tmp_path, tok, shared
 
 
 def test_test_paths_replace_the_test_split(shared_data):
-    from lmlab.tasks.sft import load_splits
+    from lmlab.tasks.sft import load_splits, read_records
 
     cfg = load_config("recipes/sft/gsm8k-lora-smollm2.yaml", ["data.max_train=3", "data.max_eval=5"], schema=SFTConfig)
     train, val, test = load_splits(cfg)
     assert (len(train), len(val), len(test)) == (3, 0, 5)
-    assert test[0]["answers"] == ["18"] and "Janet" in test[0]["question"]  # GSM8K test, first problem
+    full = load_splits(load_config("recipes/sft/gsm8k-lora-smollm2.yaml", [], schema=SFTConfig))[2]
+    assert len(full) == 1319 and test == full[:5]  # the capped test set is the head of a fixed shuffle
+    assert sorted(r["question"] for r in full) == sorted(r["question"] for r in read_records("gsm8k", cfg.data.test_paths))
+    assert "Janet" not in full[0]["question"]  # GSM8K's first test problem: the file order is not kept
+    # a file grouped by label (SST dev) still gives a balanced capped sample
+    sst = load_splits(load_config("recipes/sft/sst2-lora-smollm2.yaml", ["data.max_eval=100"], schema=SFTConfig))[2]
+    assert 30 <= sum(r["output"] == "positive" for r in sst) <= 70
 
 
 def test_interrupted_sft_resumes_on_the_same_curve(tmp_path, tok, shared_data, monkeypatch):
@@ -261,3 +291,22 @@ def test_interrupted_sft_resumes_on_the_same_curve(tmp_path, tok, shared_data, m
     assert a.keys() == b.keys() and len(a) == 8 + 1
     for key in a:
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_resume_refuses_checkpoints_of_a_different_config(tmp_path):
+    """Checkpoints in out_dir resume only under the config that wrote them (outside logging, checkpoint,
+    eval and run length), else two runs would be spliced; the error names every changed key."""
+    from lmlab.errors import ConfigError
+    from lmlab.runconfig import check_resume_config, save_config
+
+    def config(*extra):
+        return load_config("recipes/qa/mcq-smollm2.yaml", [f"out_dir={tmp_path}", "data.max_train=400", *extra],
+                           schema=SFTConfig)
+
+    save_config(config(), tmp_path / "config.yaml")
+    check_resume_config(tmp_path, config("logging.log_every=1", "train.epochs=3", "checkpoint.every=5"))
+    with pytest.raises(ConfigError, match=r"data.max_train: 400 -> 0.*optim.lr: 0.0002 -> 0.001"):
+        check_resume_config(tmp_path, config("data.max_train=0", "optim.lr=1e-3"))
+    (tmp_path / "config.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="config.yaml: unreadable"):
+        check_resume_config(tmp_path, config())

@@ -228,7 +228,8 @@ def pack(examples: list[Example], max_len: int, sep_id: int) -> list[tuple[list[
 
 
 class InstructBatches:
-    """Batch source for `fit`: a fresh seeded order each epoch; padded or packed micro-batches."""
+    """Batch source for `fit`: a fresh seeded order each epoch; padded or packed micro-batches, each step's
+    examples sorted by length across its micro-batches. A pure function of (step, micro), so resume is exact."""
 
     def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int,
                  packing: bool = False, max_len: int = 0) -> None:
@@ -237,6 +238,7 @@ class InstructBatches:
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.items: list[Any] = pack(examples, max_len, pad_id) if packing else list(examples)
         self._perm: tuple[int, np.ndarray] | None = None
+        self._cached: tuple[int | None, list[Any]] = (None, [])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -250,9 +252,18 @@ class InstructBatches:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self)))
         return self._perm[1]
 
+    def step_items(self, step: int) -> list[Any]:
+        """The step's batch_size * grad_accum items, shortest first: consecutive micro-batches then hold
+        similar lengths and pad little, and the step's (token-weighted) gradient is the same sum."""
+        first = step * self.grad_accum * self.batch_size
+        span = range(first, first + self.grad_accum * self.batch_size)
+        items = [self.items[self._order(e)[i]] for e, i in (divmod(g, len(self)) for g in span)]
+        return sorted(items, key=lambda it: len(it.ids) if isinstance(it, Example) else len(it[0]))
+
     def __call__(self, step: int, micro: int = 0) -> Batch:
-        first = (step * self.grad_accum + micro) * self.batch_size
-        picks = [self.items[self._order(e)[i]] for e, i in (divmod(g, len(self)) for g in range(first, first + self.batch_size))]
+        if self._cached[0] != step:
+            self._cached = (step, self.step_items(step))
+        picks = self._cached[1][micro * self.batch_size: (micro + 1) * self.batch_size]
         if isinstance(picks[0], Example):
             return collate(picks, self.pad_id)
         T = max(len(x) for x, _ in picks)

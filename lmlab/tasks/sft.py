@@ -31,7 +31,7 @@ from lmlab.errors import ConfigError
 from lmlab.losses import IGNORE_INDEX, lm_loss
 from lmlab.lora import LoRAConfig
 from lmlab.runconfig import (CheckpointSection, LoggingSection, OptimImpl, OptimSection, PrecisionSection,
-                             ScheduleSection, TrainSection, load_config, save_config)
+                             ScheduleSection, TrainSection, check_resume_config, load_config, save_config)
 from lmlab.tasks.classify_config import ModelSection
 
 NOVEL_INSTRUCTIONS = [  # seed 000's out-of-distribution checks
@@ -210,13 +210,15 @@ def make_template(d: InstructDataSection) -> Template:
 
 
 def load_splits(cfg: SFTConfig) -> tuple[list[Record], list[Record], list[Record]]:
-    """The seeded split, with the CPU-size caps applied after it (so the test set never moves)."""
+    """The seeded split, with the CPU-size caps applied after it (so the test set never moves). A separate
+    test file is shuffled with the same seed, so a capped test set is a random sample, not the file's head
+    (SST's dev file, for one, is grouped by label: its first 100 sentences are 96 positive)."""
     d = cfg.data
     if len(d.split) != 3:
         raise ConfigError(f"data.split={d.split}: expected three ratios [train, validation, test]")
     train, val, test = split_records(read_records(d.source, d.paths), tuple(d.split), d.split_seed, d.subset)
     if d.test_paths:
-        test = read_records(d.source, d.test_paths)
+        (test,) = split_records(read_records(d.source, d.test_paths), (1,), d.split_seed)
     cap = lambda rs, n: rs[:n] if n else rs  # noqa: E731
     return cap(train, d.max_train), cap(val, d.max_eval), cap(test, d.max_eval)
 
@@ -233,6 +235,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     from lmlab.lora import apply_lora
     from lmlab.precision import Precision, resolve_device
     from lmlab.run import seed_everything
+    from lmlab.train_state import Checkpointer
 
     t0 = time.perf_counter()
     out, name = Path(cfg.out_dir), cfg.adapter or cfg.data.source
@@ -247,6 +250,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     splits = dict(zip(("train", "val", "test"), load_splits(cfg)))
     data = {k: encode_examples(v, template, tok, cfg.data.max_len) for k, v in splits.items()}
     summary: dict[str, Any] = {"adapter": name, "data": {k: v.summary() for k, v in data.items()}}
+    if cfg.checkpoint.resume and Checkpointer(out / "checkpoints").latest() is not None:
+        check_resume_config(out, cfg)  # before config.yaml is replaced by this run's
     save_config(cfg, out / "config.yaml")
 
     e = cfg.eval

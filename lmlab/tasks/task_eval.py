@@ -10,6 +10,7 @@ never overlap the test items.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -51,9 +52,10 @@ def pick_shots(train: Sequence[Record], k: int, seed: int = 0) -> list[Record]:
 
 
 def evaluate_task(model: nn.Module, tokenizer: Any, task: str, records: Sequence[Record], template: Template,
-                  *, max_retries: int = 2, seed: int = 0, max_new_tokens: int | None = None) -> dict[str, Any]:
+                  *, max_retries: int = 2, seed: int = 0, max_new_tokens: int | None = None,
+                  batch_size: int = 16) -> dict[str, Any]:
     """Greedy answers to `records` under `template` (whatever adapter is active), scored for `task`.
-    max_new_tokens: None = the task's default (MAX_NEW_TOKENS)."""
+    max_new_tokens: None = the task's default (MAX_NEW_TOKENS); prompts run in length-sorted batches."""
     from lmlab.generate import GenerationConfig, generate
     from lmlab.metrics import extract_number, gsm8k_match, rouge
     from lmlab.sampling import SamplingConfig
@@ -61,10 +63,11 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: str, records: Sequence
     records = list(records)
     if task in ("mcq", "saq"):
         answers = answer_with_retry(model, tokenizer, records, TASKS[task], template, max_retries=max_retries,
-                                    seed=seed)
+                                    seed=seed, batch_size=batch_size)
         return score(task, records, answers) | {"examples": [a.text for a in answers[:5]]}
     gen = GenerationConfig(max_new_tokens or MAX_NEW_TOKENS[task], SamplingConfig(temperature=0.0), seed=seed)
-    outputs = [o.strip() for o in generate(model, tokenizer, [template.prompt(r, tokenizer) for r in records], gen)]
+    prompts = [template.prompt(r, tokenizer) for r in records]
+    outputs = [o.strip() for o in generate(model, tokenizer, prompts, gen, batch_size=batch_size)]
     out: dict[str, Any] = {"n": len(records), "examples": outputs[:3]}
     if task == "sst2":
         words = [(o.split() or [""])[0].strip(".,!:").lower() for o in outputs]
@@ -78,13 +81,19 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: str, records: Sequence
     return out
 
 
-def mcq_zero_shot(model: nn.Module, tokenizer: Any, records: Sequence[Record], template: Template) -> dict[str, Any]:
-    """Letter log-probability accuracy with every adapter off, overall and per source (mmlu, arc)."""
+def mcq_zero_shot(model: nn.Module, tokenizer: Any, records: Sequence[Record], template: Template,
+                  adapters: bool = False) -> dict[str, Any]:
+    """Letter log-probability accuracy, overall and per source (mmlu, arc), with every adapter off
+    (the zero-shot baseline) or, with `adapters`, through the active one; plus how often each letter
+    was picked, since a skewed letter prior is what sinks a small model here."""
     from lmlab.lora import disable_lora
 
-    with disable_lora(model):
+    with contextlib.nullcontext() if adapters else disable_lora(model):
         preds = letter_logprob_predict(model, tokenizer, records, template)
-    out: dict[str, Any] = {"n": len(records), "accuracy": _acc(preds, records)}
+    out: dict[str, Any] = {"n": len(records), "accuracy": _acc(preds, records),
+                           "picked": {ch: preds.count(ch) for ch in sorted(set(preds))},
+                           "answers": {ch: sum(r["output"] == ch for r in records)
+                                       for ch in sorted({r["output"] for r in records})}}
     for src in sorted({r.get("source", "") for r in records} - {""}):
         sub = [(p, r) for p, r in zip(preds, records) if r.get("source") == src]
         out[f"accuracy_{src}"] = _acc([p for p, _ in sub], [r for _, r in sub])
@@ -97,9 +106,11 @@ def _acc(preds: Sequence[str], records: Sequence[Record]) -> float:
 
 def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "", max_retries: int = 2,
                     shots: int = 0) -> dict[str, Any]:
-    """Score the base model (and `adapter`, if given) on a recipe's test split, as `lmlab qa eval` does."""
+    """Score the base model (and `adapter`, if given) on a recipe's test split, as `lmlab qa eval` does.
+    Runs under the recipe's precision (device and autocast dtype), the one its adapter was trained in."""
     from lmlab.adapters import load_adapter
     from lmlab.loading import load_model
+    from lmlab.precision import Precision, resolve_device
     from lmlab.runconfig import load_config
     from lmlab.tasks.sft import SFTConfig, load_splits, make_template
 
@@ -108,15 +119,19 @@ def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "
     task = TASK_OF_SOURCE.get(cfg.data.source)
     if task is None:
         raise ConfigError(f"{recipe}: data.source={cfg.data.source!r} has no generation metric (alpaca: use perplexity)")
-    loaded = load_model(cfg.model.spec)
+    precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
+    loaded = load_model(cfg.model.spec, device=precision.device, tokenizer=cfg.model.tokenizer or None)
     model, tok = loaded.model, loaded.tokenizer
     template = make_template(cfg.data)
-    results: dict[str, Any] = {"task": task, "n_test": len(test)}
-    if task == "mcq":
-        results["zero_shot_logprob"] = mcq_zero_shot(model, tok, test, template)
-    prompt = FewShotTemplate(pick_shots(train, shots), cfg.data.system or None) if shots else template
-    results[f"base_{shots}shot"] = evaluate_task(model, tok, task, test, prompt, max_retries=max_retries)
-    if adapter:
-        load_adapter(model, adapter, name=task)
-        results["adapter"] = evaluate_task(model, tok, task, test, template, max_retries=max_retries)
+    results: dict[str, Any] = {"task": task, "n_test": len(test), "dtype": cfg.precision.dtype}
+    with precision.autocast():
+        if task == "mcq":
+            results["zero_shot_logprob"] = mcq_zero_shot(model, tok, test, template)
+        prompt = FewShotTemplate(pick_shots(train, shots), cfg.data.system or None) if shots else template
+        results[f"base_{shots}shot"] = evaluate_task(model, tok, task, test, prompt, max_retries=max_retries)
+        if adapter:
+            load_adapter(model, adapter, name=task)
+            if task == "mcq":  # the baseline's scoring with the adapter on: the letter prior it learned
+                results["adapter_logprob"] = mcq_zero_shot(model, tok, test, template, adapters=True)
+            results["adapter"] = evaluate_task(model, tok, task, test, template, max_retries=max_retries)
     return results
