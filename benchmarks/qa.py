@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=None, help="default: the recipe's")
     ap.add_argument("--max-eval", type=int, default=60)
     ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--runs", default="runs/bench-qa-", help="prefix of the run folders it trains (+ task name)")
     ap.add_argument("--reuse", action="store_true", help="use a run's saved qa_eval.json instead of evaluating again")
     ap.add_argument("--model", default="", help="base model spec (default: the recipes' SmolLM2)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training recipe override")
@@ -82,7 +83,7 @@ def main() -> None:
              "|---|---|---:|---:|---:|---:|---:|"]
     notes: list[str] = []
     for task in args.tasks.split(","):
-        run = Path(getattr(args, f"{task}_run") or train(task, f"runs/bench-qa-{task}", args.max_train, args.epochs,
+        run = Path(getattr(args, f"{task}_run") or train(task, f"{args.runs}{task}", args.max_train, args.epochs,
                                                                   model + args.set))
         if args.reuse and (run / "qa_eval.json").is_file():
             res = json.loads((run / "qa_eval.json").read_text())
