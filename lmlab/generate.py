@@ -61,12 +61,8 @@ def generate_ids(
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     model.eval()
     device = model.tok_embeddings.weight.device
-    B, longest = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, longest), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, longest, dtype=torch.bool)
-    for i, p in enumerate(prompts):  # left padding: every row's last token is at the same index
-        tokens[i, longest - len(p) :] = torch.tensor(list(p))
-        mask[i, longest - len(p) :] = True
+    tokens, mask = left_pad(prompts, pad_id)
+    B, longest = tokens.shape
     tokens, mask = tokens.to(device), mask.to(device)
     cache = KVCache(model.config, B, longest + cfg.max_new_tokens, device=device, dtype=_cache_dtype(model, device))
     generator = torch.Generator(device=device)
@@ -104,6 +100,29 @@ def generate_ids(
             seen.scatter_(1, next_ids[:, None], True)
         logits = model(next_ids[:, None], cache=cache, last_only=True)
     return outputs
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, mask) of shape (B, longest), prompts right-aligned so every row's next token follows the
+    same last index; mask is True on real tokens."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p) :] = torch.tensor(list(p))
+        mask[i, longest - len(p) :] = True
+    return tokens, mask
+
+
+def length_batches(lengths: Sequence[int], batch_size: int | None) -> list[list[int]]:
+    """Indices grouped into batches of `batch_size` by increasing length (little padding); None = one
+    batch in the given order."""
+    if batch_size is None:
+        return [list(range(len(lengths)))]
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive integer or None")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
@@ -162,8 +181,7 @@ def generate(
     from lmlab.tokenization import StreamDecoder
 
     ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected a positive integer or None")
+    batches = length_batches([len(x) for x in ids], batch_size)
     stop_ids = tuple(set(cfg.stop_ids) | set(tokenizer.stop_ids))
     cfg = GenerationConfig(cfg.max_new_tokens, cfg.sampling, stop_ids, tuple(cfg.stop_strings), cfg.seed)
     decoders = [StreamDecoder(tokenizer) for _ in prompts]
@@ -179,11 +197,8 @@ def generate(
         return cut_at_stop(texts[row], cfg.stop_strings)[1]
 
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if batch_size else list(range(len(ids)))
-    step = batch_size or max(len(ids), 1)
     outputs: list[list[int]] = [[] for _ in ids]
-    for start in range(0, len(order), step):
-        rows = order[start : start + step]  # batch row j is prompt rows[j]
+    for rows in batches:  # batch row j is prompt rows[j]
         new = generate_ids(
             model, [ids[i] for i in rows], cfg, pad_id=pad,
             on_token=lambda j, token, rows=rows: on_token(rows[j], token),

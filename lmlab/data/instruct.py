@@ -238,7 +238,6 @@ class InstructBatches:
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.items: list[Any] = pack(examples, max_len, pad_id) if packing else list(examples)
         self._perm: tuple[int, np.ndarray] | None = None
-        self._cached: tuple[int | None, list[Any]] = (None, [])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -261,9 +260,7 @@ class InstructBatches:
         return sorted(items, key=lambda it: len(it.ids) if isinstance(it, Example) else len(it[0]))
 
     def __call__(self, step: int, micro: int = 0) -> Batch:
-        if self._cached[0] != step:
-            self._cached = (step, self.step_items(step))
-        picks = self._cached[1][micro * self.batch_size: (micro + 1) * self.batch_size]
+        picks = self.step_items(step)[micro * self.batch_size: (micro + 1) * self.batch_size]
         if isinstance(picks[0], Example):
             return collate(picks, self.pad_id)
         T = max(len(x) for x, _ in picks)

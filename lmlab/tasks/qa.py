@@ -174,22 +174,15 @@ def letter_logprob_predict(model: nn.Module, tokenizer: Any, records: Sequence[R
                            batch_size: int = 16) -> list[str]:
     """Zero-shot MCQ: the option letter whose token is most likely right after the prompt.
     Prompts run in length-sorted batches (little padding); predictions come back in record order."""
-    from lmlab.generate import encode_prompt
+    from lmlab.generate import encode_prompt, left_pad, length_batches
 
     letter_ids = [tokenizer.encode(ch)[0] for ch in LETTERS]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     device = next(model.parameters()).device
     all_ids = [encode_prompt(tokenizer, template.prompt(r, tokenizer)) for r in records]
-    order = sorted(range(len(records)), key=lambda i: len(all_ids[i]))
     preds = [""] * len(records)
-    for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
-        ids = [all_ids[i] for i in rows]
-        T = max(len(x) for x in ids)
-        tokens = torch.full((len(ids), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.bool)
-        for j, x in enumerate(ids):  # left padding: the last position is every row's next token
-            tokens[j, T - len(x):], mask[j, T - len(x):] = torch.tensor(x), True
+    for rows in length_batches([len(x) for x in all_ids], batch_size):
+        tokens, mask = left_pad([all_ids[i] for i in rows], pad)  # the last position is every row's next token
         logits = model(tokens.to(device), mask.to(device), last_only=True)[:, -1].float()
         for row, i in zip(logits, rows):
             n = len(records[i].get("choices") or "ABCD")
