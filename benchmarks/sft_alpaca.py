@@ -25,12 +25,14 @@ RECIPE = "recipes/sft/alpaca-lora-smollm2.yaml"
 
 def write_section(body: str, heading: str, results: Path = RESULTS) -> None:
     """Replace (or append) one `## heading` section of RESULTS.md."""
+    from lmlab.fileio import atomic_write_text
+
     text = results.read_text() if results.exists() else "# Benchmark results\n\n"
     new = f"{heading}\n\n{body.strip()}\n\n"
     pattern = rf"^{re.escape(heading)}\n.*?(?=^## |\Z)"
     text = re.sub(pattern, lambda _: new, text, flags=re.S | re.M) if re.search(pattern, text, flags=re.S | re.M) \
         else text.rstrip() + "\n\n" + new
-    results.write_text(text)
+    atomic_write_text(results, text)
 
 
 def table(summary: dict, settings: str) -> str:

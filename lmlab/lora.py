@@ -102,6 +102,7 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: str | None = None
         self.merged: str | None = None
+        self.train(base.training)  # an adapter added to a model in eval mode must not start dropping out
         self.disabled = False
         if rank is not None:
             self.add_adapter(name, rank, alpha, dropout, use_rslora)
@@ -114,6 +115,8 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b[name].weight)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout else nn.Identity()
+        for part in (self.lora_a, self.lora_b, self.lora_dropout):  # new modules start in training mode
+            part[name].train(self.training)
         self.scaling[name] = alpha / (math.sqrt(rank) if use_rslora else rank)
         if self.active is None:
             self.active = name

@@ -7,10 +7,13 @@ ROUGE-1/2/L (Lin 2004) is Google's `rouge-score` package (the reference implemen
 papers' numbers) with the Porter stemmer, F-measure, best over references.
 GSM8K: the number after `####` if present, else the last number in the text (commas, `$`, a trailing
 `.0` ignored), compared as numbers.
+Two systems scored on the same items are compared with McNemar's exact test (the items only one of
+them gets right decide it), which is far more sensitive than two separate confidence intervals.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -24,6 +27,18 @@ def accuracy(predictions: Sequence[object], references: Sequence[object]) -> flo
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     return sum(p == r for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict[str, float]:
+    """Paired comparison of two systems on the same items: `a_only` / `b_only` count the items only that
+    system gets right; `p` is the exact two-sided McNemar p-value (binomial on those discordant items)."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"{len(correct_a)} items for system a, {len(correct_b)} for system b")
+    a_only = sum(bool(a) and not b for a, b in zip(correct_a, correct_b))
+    b_only = sum(bool(b) and not a for a, b in zip(correct_a, correct_b))
+    n, k = a_only + b_only, min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p": min(1.0, 2 * tail)}
 
 
 def normalize_answer(text: str) -> str:

@@ -16,7 +16,7 @@ from lmlab.checkpoint import load_checkpoint
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.lora import (
-    LoRAConfig, LoRALinear, add_adapter, apply_lora, disable_lora, lora_parameters, lora_state_dict,
+    DEFAULT, LoRAConfig, LoRALinear, add_adapter, apply_lora, disable_lora, lora_parameters, lora_state_dict,
     merge_and_unload, merge_lora, set_active_adapter, unmerge_lora,
 )
 from lmlab.model import Transformer
@@ -178,6 +178,25 @@ def test_lora_training_lowers_the_loss():
 
 
 # ---------------------------------------------------------------- save / load
+
+def test_adapters_added_to_an_eval_model_do_not_drop_out(tmp_path):
+    """A dropout adapter loaded or added into a model in eval mode scores deterministically (an evaluation
+    right after load_adapter used to run with the new adapter's dropout on)."""
+    base = tiny().eval()
+    trained = apply_lora(copy.deepcopy(base), LoRAConfig(rank=4, dropout=0.5))
+    randomize_b(trained)
+    save_adapter(trained, tmp_path / "ad")
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "ad")
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), loaded(x), atol=0, rtol=0)
+        torch.testing.assert_close(loaded(x), trained.eval()(x), atol=0, rtol=0)
+    add_adapter(loaded, "second", LoRAConfig(rank=4, dropout=0.5))
+    assert not any(m.training for m in loaded.modules())
+    set_active_adapter(loaded, DEFAULT)
+    loaded.train()  # and training still drops out
+    assert not torch.equal(loaded(x), loaded(x))
+
 
 def test_save_load_adapter_roundtrip_with_head(tmp_path):
     base = tiny()

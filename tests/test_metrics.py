@@ -1,4 +1,5 @@
-"""Metrics against their references: SQuAD v1.1 EM/F1 rules, ROUGE by hand, GSM8K answer extraction."""
+"""Metrics against their references: SQuAD v1.1 EM/F1 rules, ROUGE by hand, GSM8K answer extraction,
+McNemar against scipy's binomial test."""
 
 from __future__ import annotations
 
@@ -50,3 +51,18 @@ def test_gsm8k_final_answer_extraction():
     assert extract_number("no number") is None
     assert gsm8k_match("so 72 clips in all.\n#### 72", "Natalia sold 48/2 = 24 ...\n#### 72") == 1.0
     assert gsm8k_match("The answer is 71", "#### 72") == 0.0
+
+
+def test_mcnemar_exact_against_scipy():
+    from scipy.stats import binomtest
+
+    from lmlab.metrics import mcnemar
+
+    a = [1] * 30 + [0] * 12 + [1] * 50 + [0] * 100
+    b = [0] * 30 + [1] * 12 + [1] * 50 + [0] * 100
+    m = mcnemar(a, b)
+    assert (m["a_only"], m["b_only"]) == (30, 12)
+    assert m["p"] == pytest.approx(binomtest(12, 42, 0.5).pvalue, rel=1e-12)
+    assert mcnemar(a, a)["p"] == 1.0 and mcnemar([1, 0], [0, 1])["p"] == 1.0
+    with pytest.raises(ValueError, match="3 items for system a, 2"):
+        mcnemar([1, 1, 0], [1, 0])

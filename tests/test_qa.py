@@ -10,13 +10,14 @@ from lmlab.adapters import export_peft, save_adapter
 from lmlab.checkpoint import save_checkpoint
 from lmlab.config import ModelConfig
 from lmlab.data.instruct import Template, split_records
-from lmlab.data.qa import mcq_records, read_arc, read_mmlu, saq_records
+from lmlab.data.qa import mcq_records, permute_options, read_arc, read_mmlu, saq_records
 from lmlab.errors import ConfigError, DataError
 from lmlab.lora import LoRAConfig, add_adapter, set_active_adapter
 from lmlab.model import Transformer
 from lmlab.paths import smollm2_gguf
 from lmlab.tasks.qa import (
-    TASKS, Answer, Router, TaskSpec, answer_with_retry, letter_logprob_predict, load_router, score, validate_mcq,
+    TASKS, Answer, Router, TaskSpec, answer_with_retry, cloze_predict, letter_logprob_predict, load_router, score,
+    validate_mcq,
     validate_saq,
 )
 from lmlab.tokenization import load_tokenizer
@@ -144,6 +145,54 @@ def test_letter_logprob_baseline_is_batch_invariant(tok, shared_data):
         assert got == "ABCDE"[int(logits[letters[:n]].argmax())]
 
 
+def test_cloze_baseline_matches_one_by_one_scoring(tok, shared_data):
+    model = tiny()
+    records = read_arc(shared_data / "arc-challenge" / "ARC-Challenge-Dev.jsonl")[:4]
+    raw, norm = cloze_predict(model, tok, records, batch_size=3)  # right-padded, length-sorted batches
+    for rec, got_raw, got_norm in zip(records, raw, norm):
+        context = tok.encode(f"Question: {rec['question'].strip()}\nAnswer:")
+        scores = []
+        for c in rec["choices"]:
+            ids = context + tok.encode(" " + c.strip())
+            with torch.no_grad():
+                logp = model(torch.tensor([ids]))[0].log_softmax(-1)
+            scores.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(context), len(ids))))
+        per_char = [s / len(c.strip()) for s, c in zip(scores, rec["choices"])]
+        assert got_raw == "ABCDE"[max(range(len(scores)), key=scores.__getitem__)]
+        assert got_norm == "ABCDE"[max(range(len(scores)), key=per_char.__getitem__)]
+
+
+def test_permuted_options_keep_the_answer_and_balance_the_letters(shared_data):
+    records = read_mmlu(shared_data / "mmlu" / "dev")[:40]
+    four = permute_options(records, 4, seed=42)
+    assert len(four) == 4 * len(records)
+    for i, rec in enumerate(records):
+        copies = four[4 * i: 4 * i + 4]
+        right = rec["choices"]["ABCD".index(rec["output"])]
+        assert sorted(c["output"] for c in copies) == list("ABCD")  # the answer sits at every letter once
+        for c in copies:
+            assert c["choices"]["ABCD".index(c["output"])] == right and sorted(c["choices"]) == sorted(rec["choices"])
+            assert f"{c['output']}. {right}" in c["instruction"] and c["answers"] == [c["output"]]
+    two = permute_options(records, 2, seed=42)
+    assert len(two) == 2 * len(records) and two == permute_options(records, 2, seed=42)
+    assert all(two[2 * i]["output"] != two[2 * i + 1]["output"] for i in range(len(records)))
+    assert permute_options(records, 1, seed=42) == records
+    assert len(permute_options(records[:1], 9, seed=0)) == 4  # never more orders than rotations
+
+
+def test_permute_options_in_a_recipe_triples_only_the_training_split():
+    from lmlab.runconfig import load_config
+    from lmlab.tasks.sft import SFTConfig, load_splits
+
+    plain = load_splits(load_config("recipes/qa/mcq-smollm2.yaml", ["data.max_train=30"], schema=SFTConfig))
+    three = load_splits(load_config("recipes/qa/mcq-smollm2.yaml", ["data.max_train=30", "data.permute_options=3"],
+                                    schema=SFTConfig))
+    assert len(three[0]) == 90 and three[1:] == plain[1:]
+    assert [r["question"] for r in three[0][::3]] == [r["question"] for r in plain[0]]
+    with pytest.raises(ConfigError, match="permute_options=2: only for data.source=mcq"):
+        load_splits(load_config("recipes/qa/saq-smollm2.yaml", ["data.permute_options=2"], schema=SFTConfig))
+
+
 def test_scores():
     recs = [{"output": "A", "answers": ["A"]}, {"output": "B", "answers": ["B"]}]
     answers = [Answer("A", True, 1), Answer("C", True, 2)]
@@ -207,6 +256,8 @@ def test_qa_eval_on_a_recipe_split(tmp_path, tok):
     assert res["n_test"] == 3 and 0 <= res["zero_shot_logprob"]["accuracy"] <= 1
     assert set(res["base_0shot"]) >= {"accuracy", "valid_after_retry", "needed_retry", "invalid"}
     assert sum(res["zero_shot_logprob"]["picked"].values()) == sum(res["zero_shot_logprob"]["answers"].values()) == 3
+    cloze = res["zero_shot_cloze"]
+    assert len(cloze["correct"]) == 3 and cloze["accuracy"] == sum(cloze["correct"]) / 3
     # with an adapter: it is scored both ways, and its letter scoring differs from the adapter-free baseline
     from lmlab.loading import load_model
 
@@ -216,3 +267,20 @@ def test_qa_eval_on_a_recipe_split(tmp_path, tok):
     res = evaluate_recipe("recipes/qa/mcq-smollm2.yaml", overrides, str(tmp_path / "mcq"), max_retries=0)
     assert res["dtype"] == "fp32" and {"zero_shot_logprob", "adapter_logprob", "adapter"} <= set(res)
     assert res["adapter_logprob"]["picked"] != res["zero_shot_logprob"]["picked"]
+
+
+def test_qa_eval_command_prints_a_summary_and_saves_per_question_results(tmp_path, tok, capsys):
+    import json
+
+    from lmlab.cli import main
+
+    base = tmp_path / "base"
+    save_checkpoint(tiny(), base, tokenizer=tok)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["qa", "eval", "recipes/qa/mcq-smollm2.yaml", f"model.spec={base}", "data.max_eval=4", "--retries", "0",
+              "--out", str(tmp_path / "eval.json")])
+    assert exit_info.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert "correct" not in printed["zero_shot_cloze"] and len(saved["zero_shot_cloze"]["correct"]) == 4
+    assert printed["zero_shot_logprob"]["accuracy"] == saved["zero_shot_logprob"]["accuracy"]

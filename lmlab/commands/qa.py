@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from lmlab.errors import ConfigError
 
@@ -28,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (e.g. data.max_eval=100)")
     ev.add_argument("--adapter", default="", help="adapter folder; empty = base model only")
     ev.add_argument("--retries", type=int, default=2, help="extra attempts for invalid outputs")
+    ev.add_argument("--out", default="", help="also write the full results, with each question's 0/1, to this JSON file")
     ev.set_defaults(func=_eval)
 
 
@@ -54,7 +56,12 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from lmlab.fileio import atomic_write_text
     from lmlab.tasks.task_eval import evaluate_recipe
 
-    print(json.dumps(evaluate_recipe(args.recipe, args.overrides, args.adapter, args.retries), indent=2))
+    res = evaluate_recipe(args.recipe, args.overrides, args.adapter, args.retries)
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(res, indent=2) + "\n")
+    brief = {k: {f: v for f, v in r.items() if f != "correct"} if isinstance(r, dict) else r for k, r in res.items()}
+    print(json.dumps(brief, indent=2))  # the per-question lists only go to --out
     return 0

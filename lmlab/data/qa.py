@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from pathlib import Path
 
 from lmlab.data.instruct import Record
@@ -35,7 +36,29 @@ def _mcq(question: str, choices: list[str], answer: str, source: str, where: str
     if answer not in LETTERS[: len(choices)]:
         raise DataError(f"{where}: answer {answer!r} is not one of the option letters {LETTERS[:len(choices)]}")
     return {"instruction": mcq_instruction(question, choices), "input": "", "output": answer, "task": "mcq",
-            "source": source, "answers": [answer], "choices": choices}
+            "source": source, "answers": [answer], "choices": choices, "question": question}
+
+
+def permute_options(records: list[Record], k: int, seed: int) -> list[Record]:
+    """Each MCQ record `k` times, its options rotated by k different shifts (the first one seeded per
+    record, then evenly spaced), answer letter relabelled. A model of this size learns "answer B" from
+    the letter frequencies of a small training set; with every question shown under several orders, the
+    letter carries no information and only the option text can predict the answer.
+    k <= 1 returns the records as they are; copies of a record are adjacent (the batcher shuffles)."""
+    if k <= 1:
+        return list(records)
+    out = []
+    for i, r in enumerate(records):
+        n = len(r["choices"])
+        first = random.Random(f"{seed}:{i}").randrange(n)
+        for j in range(min(k, n)):
+            shift = (first + j * n // min(k, n)) % n
+            order = [(p + shift) % n for p in range(n)]  # new position p shows old option order[p]
+            choices = [r["choices"][o] for o in order]
+            answer = LETTERS[order.index(LETTERS.index(r["output"]))]
+            out.append(r | {"instruction": mcq_instruction(r["question"], choices), "output": answer,
+                            "answers": [answer], "choices": choices})
+    return out
 
 
 def read_mmlu(path: str | Path) -> list[Record]:

@@ -176,6 +176,7 @@ def letter_logprob_predict(model: nn.Module, tokenizer: Any, records: Sequence[R
     Prompts run in length-sorted batches (little padding); predictions come back in record order."""
     from lmlab.generate import encode_prompt, left_pad, length_batches
 
+    model.eval()  # as generate does: dropout (a LoRA adapter's too) off while scoring
     letter_ids = [tokenizer.encode(ch)[0] for ch in LETTERS]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     device = next(model.parameters()).device
@@ -190,8 +191,48 @@ def letter_logprob_predict(model: nn.Module, tokenizer: Any, records: Sequence[R
     return preds
 
 
-def score(task: str, records: Sequence[Record], answers: Sequence[Answer]) -> dict[str, float]:
-    """Accuracy (MCQ) or EM/F1 (SAQ), plus the share that needed a retry and the share left invalid."""
+@torch.no_grad()
+def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record],
+                  batch_size: int = 32) -> tuple[list[str], list[str]]:
+    """MCQ as cloze (the OLMES "CF" formulation): after "Question: ...\nAnswer:", the option whose own
+    text is most likely, no letters shown. It measures what the model knows apart from its skill with
+    letter formats. Returns the letters picked by total log-probability and by log-probability per
+    character (lm-evaluation-harness's acc and acc_norm)."""
+    from lmlab.generate import length_batches
+
+    model.eval()
+    bos = bool(tokenizer.add_bos and tokenizer.bos_id is not None)
+    device = next(model.parameters()).device
+    seqs, spans = [], []  # one sequence per (record, option): context + option; the option's token span
+    for r in records:
+        context = tokenizer.encode(f"Question: {r['question'].strip()}\nAnswer:", bos=bos)
+        for c in r["choices"]:
+            seqs.append(context + tokenizer.encode(" " + c.strip()))
+            spans.append((len(context), len(seqs[-1])))
+    logp = [0.0] * len(seqs)
+    for rows in length_batches([len(x) for x in seqs], batch_size):
+        width = max(len(seqs[i]) for i in rows)  # right padding: causal attention never sees it
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, i in enumerate(rows):
+            tokens[j, : len(seqs[i])] = torch.tensor(seqs[i])
+        lp = model(tokens.to(device)).float().log_softmax(-1)
+        for j, i in enumerate(rows):
+            a, b = spans[i]
+            logp[i] = float(lp[j, a - 1: b - 1].gather(-1, tokens[j, a:b, None].to(device)).sum())
+    raw, norm, k = [], [], 0
+    for r in records:
+        n = len(r["choices"])
+        scores = logp[k: k + n]
+        per_char = [s / max(len(c.strip()), 1) for s, c in zip(scores, r["choices"])]
+        raw.append(LETTERS[max(range(n), key=scores.__getitem__)])
+        norm.append(LETTERS[max(range(n), key=per_char.__getitem__)])
+        k += n
+    return raw, norm
+
+
+def score(task: str, records: Sequence[Record], answers: Sequence[Answer]) -> dict[str, Any]:
+    """Accuracy (MCQ, with each item's 0/1 for paired tests) or EM/F1 (SAQ), plus the share that needed
+    a retry and the share left invalid."""
     from lmlab.metrics import exact_match, token_f1
 
     n = max(len(records), 1)
@@ -200,7 +241,8 @@ def score(task: str, records: Sequence[Record], answers: Sequence[Answer]) -> di
            "needed_retry": sum(a.attempts > 1 for a in answers) / n,
            "invalid": sum(not a.valid for a in answers) / n}
     if task == "mcq":
-        out["accuracy"] = sum(a.valid and a.text == r["output"] for r, a in zip(records, answers)) / n
+        out["correct"] = [int(a.valid and a.text == r["output"]) for r, a in zip(records, answers)]
+        out["accuracy"] = sum(out["correct"]) / n
     else:
         out["exact_match"] = sum(exact_match(a.text, r["answers"]) for r, a in zip(records, answers)) / n
         out["f1"] = sum(token_f1(a.text, r["answers"]) for r, a in zip(records, answers)) / n

@@ -27,6 +27,7 @@ from lmlab.data.instruct import (
     ALPACA_MARKER, Example, InstructBatches, Record, Template, encode_examples, eval_batches, read_alpaca,
     split_records,
 )
+from lmlab.data.qa import permute_options
 from lmlab.errors import ConfigError
 from lmlab.losses import IGNORE_INDEX, lm_loss
 from lmlab.lora import LoRAConfig
@@ -72,6 +73,9 @@ class InstructDataSection:
     """Text after which the response starts (checked in custom templates)."""
     system: str = ""
     """System message for the chat template (empty = the template's default)."""
+    permute_options: int = 1
+    """MCQ only: show each training question under this many option orders (rotations, answer letter
+    relabelled; at most the option count), so the letter prior carries nothing. 1 = as given."""
     max_len: int = 512
     """Tokens per example; prompts this long are skipped, long responses cut (both counted)."""
     packing: bool = False
@@ -220,7 +224,12 @@ def load_splits(cfg: SFTConfig) -> tuple[list[Record], list[Record], list[Record
     if d.test_paths:
         (test,) = split_records(read_records(d.source, d.test_paths), (1,), d.split_seed)
     cap = lambda rs, n: rs[:n] if n else rs  # noqa: E731
-    return cap(train, d.max_train), cap(val, d.max_eval), cap(test, d.max_eval)
+    train = cap(train, d.max_train)
+    if d.permute_options > 1:
+        if d.source != "mcq":
+            raise ConfigError(f"data.permute_options={d.permute_options}: only for data.source=mcq (got {d.source!r})")
+        train = permute_options(train, d.permute_options, d.split_seed)
+    return train, cap(val, d.max_eval), cap(test, d.max_eval)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -90,18 +90,31 @@ def mcq_zero_shot(model: nn.Module, tokenizer: Any, records: Sequence[Record], t
 
     with contextlib.nullcontext() if adapters else disable_lora(model):
         preds = letter_logprob_predict(model, tokenizer, records, template)
-    out: dict[str, Any] = {"n": len(records), "accuracy": _acc(preds, records),
-                           "picked": {ch: preds.count(ch) for ch in sorted(set(preds))},
-                           "answers": {ch: sum(r["output"] == ch for r in records)
-                                       for ch in sorted({r["output"] for r in records})}}
+    return _mcq_scores(preds, records) | {
+        "picked": {ch: preds.count(ch) for ch in sorted(set(preds))},
+        "answers": {ch: sum(r["output"] == ch for r in records) for ch in sorted({r["output"] for r in records})}}
+
+
+def mcq_cloze(model: nn.Module, tokenizer: Any, records: Sequence[Record]) -> dict[str, Any]:
+    """The base model's cloze accuracy (no letters, no adapter): what it knows about these questions,
+    roughly what an adapter that only teaches the letter format can bring to the surface. Scored by total log-probability
+    of each option (the accuracy and per-item fields) and per character (`accuracy_norm`)."""
+    from lmlab.lora import disable_lora
+    from lmlab.tasks.qa import cloze_predict
+
+    with disable_lora(model):
+        raw, norm = cloze_predict(model, tokenizer, records)
+    return _mcq_scores(raw, records) | {"accuracy_norm": _mcq_scores(norm, records)["accuracy"]}
+
+
+def _mcq_scores(preds: Sequence[str], records: Sequence[Record]) -> dict[str, Any]:
+    """Accuracy overall and per source (mmlu, arc), and each item's 0/1 for paired tests."""
+    correct = [int(p == r["output"]) for p, r in zip(preds, records)]
+    out: dict[str, Any] = {"n": len(records), "accuracy": sum(correct) / max(len(records), 1), "correct": correct}
     for src in sorted({r.get("source", "") for r in records} - {""}):
-        sub = [(p, r) for p, r in zip(preds, records) if r.get("source") == src]
-        out[f"accuracy_{src}"] = _acc([p for p, _ in sub], [r for _, r in sub])
+        sub = [c for c, r in zip(correct, records) if r.get("source") == src]
+        out[f"accuracy_{src}"] = sum(sub) / len(sub)
     return out
-
-
-def _acc(preds: Sequence[str], records: Sequence[Record]) -> float:
-    return sum(p == r["output"] for p, r in zip(preds, records)) / max(len(records), 1)
 
 
 def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "", max_retries: int = 2,
@@ -127,6 +140,7 @@ def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "
     with precision.autocast():
         if task == "mcq":
             results["zero_shot_logprob"] = mcq_zero_shot(model, tok, test, template)
+            results["zero_shot_cloze"] = mcq_cloze(model, tok, test)
         prompt = FewShotTemplate(pick_shots(train, shots), cfg.data.system or None) if shots else template
         results[f"base_{shots}shot"] = evaluate_task(model, tok, task, test, prompt, max_retries=max_retries)
         if adapter:
