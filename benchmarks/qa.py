@@ -68,6 +68,8 @@ def rows(task: str, res: dict, run: Path, variant: str = "") -> list[str]:
             continue
         r = res[name]
         score = f"{r[metric]:.3f} ± {ci95(r[metric], r['n']):.3f}" + (f" / F1 {r['f1']:.3f}" if task == "saq" else "")
+        if "accuracy_mmlu" in r:
+            score += f" (MMLU {r['accuracy_mmlu']:.3f}, ARC {r.get('accuracy_arc', float('nan')):.3f})"
         out.append(f"| {task} (n={r['n']}) | {label} | {score} | {r['valid_first_try']:.3f} "
                    f"| {r['valid_after_retry']:.3f} | {r['needed_retry']:.3f} | {r['invalid']:.3f} |")
     return out

@@ -194,10 +194,12 @@ def test_permute_options_in_a_recipe_triples_only_the_training_split():
 
 
 def test_scores():
-    recs = [{"output": "A", "answers": ["A"]}, {"output": "B", "answers": ["B"]}]
-    answers = [Answer("A", True, 1), Answer("C", True, 2)]
+    recs = [{"output": "A", "answers": ["A"], "source": "arc"}, {"output": "B", "answers": ["B"], "source": "mmlu"},
+            {"output": "D", "answers": ["D"], "source": "mmlu"}]
+    answers = [Answer("A", True, 1), Answer("C", True, 2), Answer("D", False, 3)]  # right, wrong, invalid
     s = score("mcq", recs, answers)
-    assert s["accuracy"] == 0.5 and s["needed_retry"] == 0.5 and s["valid_first_try"] == 0.5
+    assert s["accuracy"] == 1 / 3 and s["needed_retry"] == 2 / 3 and s["valid_first_try"] == 1 / 3
+    assert (s["accuracy_arc"], s["accuracy_mmlu"], s["correct"]) == (1.0, 0.0, [1, 0, 0])
     s = score("saq", [{"answers": ["the Beatles", "Beatles"]}], [Answer("Beatles", True, 1)])
     assert s["exact_match"] == 1.0 and s["f1"] == 1.0
 

@@ -230,6 +230,16 @@ def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record],
     return raw, norm
 
 
+def mcq_accuracy(correct: Sequence[int], records: Sequence[Record]) -> dict[str, Any]:
+    """Accuracy overall and per source (`accuracy_mmlu`, `accuracy_arc`), and each question's 0/1
+    (`correct`) for paired tests."""
+    out: dict[str, Any] = {"accuracy": sum(correct) / max(len(records), 1), "correct": list(correct)}
+    for src in sorted({r.get("source", "") for r in records} - {""}):
+        sub = [c for c, r in zip(correct, records) if r.get("source") == src]
+        out[f"accuracy_{src}"] = sum(sub) / len(sub)
+    return out
+
+
 def score(task: str, records: Sequence[Record], answers: Sequence[Answer]) -> dict[str, Any]:
     """Accuracy (MCQ, with each item's 0/1 for paired tests) or EM/F1 (SAQ), plus the share that needed
     a retry and the share left invalid."""
@@ -241,8 +251,7 @@ def score(task: str, records: Sequence[Record], answers: Sequence[Answer]) -> di
            "needed_retry": sum(a.attempts > 1 for a in answers) / n,
            "invalid": sum(not a.valid for a in answers) / n}
     if task == "mcq":
-        out["correct"] = [int(a.valid and a.text == r["output"]) for r, a in zip(records, answers)]
-        out["accuracy"] = sum(out["correct"]) / n
+        out |= mcq_accuracy([int(a.valid and a.text == r["output"]) for r, a in zip(records, answers)], records)
     else:
         out["exact_match"] = sum(exact_match(a.text, r["answers"]) for r, a in zip(records, answers)) / n
         out["f1"] = sum(token_f1(a.text, r["answers"]) for r, a in zip(records, answers)) / n

@@ -19,7 +19,7 @@ from torch import nn
 
 from lmlab.data.instruct import Record, Template
 from lmlab.errors import ConfigError
-from lmlab.tasks.qa import TASKS, answer_with_retry, letter_logprob_predict, score
+from lmlab.tasks.qa import TASKS, answer_with_retry, letter_logprob_predict, mcq_accuracy, score
 
 MAX_NEW_TOKENS = {"sst2": 4, "summarize": 96, "math": 256, "mcq": 4, "saq": 16}
 TASK_OF_SOURCE = {"sst2": "sst2", "dialogsum": "summarize", "gsm8k": "math", "mcq": "mcq", "saq": "saq"}
@@ -108,13 +108,7 @@ def mcq_cloze(model: nn.Module, tokenizer: Any, records: Sequence[Record]) -> di
 
 
 def _mcq_scores(preds: Sequence[str], records: Sequence[Record]) -> dict[str, Any]:
-    """Accuracy overall and per source (mmlu, arc), and each item's 0/1 for paired tests."""
-    correct = [int(p == r["output"]) for p, r in zip(preds, records)]
-    out: dict[str, Any] = {"n": len(records), "accuracy": sum(correct) / max(len(records), 1), "correct": correct}
-    for src in sorted({r.get("source", "") for r in records} - {""}):
-        sub = [c for c, r in zip(correct, records) if r.get("source") == src]
-        out[f"accuracy_{src}"] = sum(sub) / len(sub)
-    return out
+    return {"n": len(records)} | mcq_accuracy([int(p == r["output"]) for p, r in zip(preds, records)], records)
 
 
 def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "", max_retries: int = 2,
