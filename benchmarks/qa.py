@@ -125,6 +125,8 @@ def main() -> None:
     lines = ["| task | model | accuracy or EM (± 95% CI) | valid at once | valid after retry | needed retry | invalid |",
              "|---|---|---:|---:|---:|---:|---:|"]
     notes: list[str] = []
+    if bad := [v for v in args.variant if "=" not in v]:
+        ap.error(f"--variant {bad[0]!r}: expected LABEL=RUN_FOLDER")
     variants = [v.rsplit("=", 1) for v in args.variant]
     for task in args.tasks.split(","):
         run = Path(getattr(args, f"{task}_run") or train(task, f"{args.runs}{task}", args.max_train, args.epochs,
