@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmlab.errors import ConfigError
+from lmlab.generate import length_batches
 from lmlab.losses import IGNORE_INDEX, Batch
 
 TEXT = "{text}"
@@ -136,15 +137,15 @@ def encode_all(tokenizer, fmt: PromptFormat, texts: Sequence[str]) -> tuple[list
     return out, n_cut
 
 
-def collate(seqs: Sequence[list[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
-    """Pad to the longest: (input_ids, attention_mask), both (B, T)."""
+def collate(seqs: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad to the longest: (input_ids, attention_mask), both (B, T). (Generation's left padding is
+    `lmlab.generate.left_pad`.)"""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
     return ids, mask
 
 
@@ -186,12 +187,6 @@ def pad_id_of(tokenizer) -> int:
 
 # ---------------------------------------------------------------------------------------------------- inference
 
-def _length_batches(seqs: Sequence[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices grouped by length (little padding); results are put back in input order by the caller."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 @torch.no_grad()
 def predict_logits(model: nn.Module, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
                    precision) -> Tensor:
@@ -199,7 +194,7 @@ def predict_logits(model: nn.Module, seqs: Sequence[list[int]], pad_id: int, bat
     was_training = model.training
     model.eval()
     out: list[Tensor | None] = [None] * len(seqs)
-    for idx in _length_batches(seqs, batch_size):
+    for idx in length_batches([len(s) for s in seqs], batch_size):
         ids, mask = collate([seqs[i] for i in idx], pad_id)
         with precision.autocast():
             logits = model(ids.to(precision.device), mask.to(precision.device)).float().cpu()
@@ -223,24 +218,24 @@ def zero_shot_scores(model: nn.Module, prompts: Sequence[list[int]], verbalizers
     out = torch.zeros(len(prompts), len(verbalizers))
     single = all(len(v) == 1 for v in verbalizers)
     per_batch = batch_size if single else max(1, batch_size // len(verbalizers))
-    for idx in _length_batches(prompts, per_batch):
+    for idx in length_batches([len(p) for p in prompts], per_batch):
         if single:
             seqs = [prompts[i] for i in idx]
-            logp = _token_logprobs(model, seqs, [[len(s) - 1] for s in seqs], pad_id, precision)
+            logp = token_logprobs(model, seqs, [[len(s) - 1] for s in seqs], pad_id, precision)
             ids = torch.tensor([v[0] for v in verbalizers])
             out[idx] = torch.stack([lp[0][ids] for lp in logp])
             continue
         seqs = [prompts[i] + v for i in idx for v in verbalizers]
         where = [list(range(len(prompts[i]) - 1, len(prompts[i]) - 1 + len(v))) for i in idx for v in verbalizers]
-        logp = _token_logprobs(model, seqs, where, pad_id, precision)
+        logp = token_logprobs(model, seqs, where, pad_id, precision)
         for j, (lp, v) in enumerate(zip(logp, [v for _ in idx for v in verbalizers])):
             total = lp[torch.arange(len(v)), torch.tensor(v)].sum()
             out[idx[j // len(verbalizers)], j % len(verbalizers)] = total / (len(v) if reduce == "mean" else 1)
     return out
 
 
-def _token_logprobs(model: nn.Module, seqs: list[list[int]], positions: list[list[int]], pad_id: int,
-                    precision) -> list[Tensor]:
+def token_logprobs(model: nn.Module, seqs: list[list[int]], positions: list[list[int]], pad_id: int,
+                   precision) -> list[Tensor]:
     """Log-softmax over the vocabulary at the given positions of each sequence (list of (P_i, V)).
     Only those positions go through the output layer: the vocabulary matmul dominates otherwise."""
     ids, mask = collate(seqs, pad_id)
@@ -255,5 +250,5 @@ def _token_logprobs(model: nn.Module, seqs: list[list[int]], positions: list[lis
 
 __all__ = [
     "SequenceClassifier", "classification_loss", "pool", "PromptFormat", "prompt_format", "truncate",
-    "encode_all", "collate", "EpochBatches", "predict_logits", "zero_shot_scores", "pad_id_of",
+    "encode_all", "collate", "EpochBatches", "predict_logits", "zero_shot_scores", "token_logprobs", "pad_id_of",
 ]

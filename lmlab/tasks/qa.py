@@ -192,33 +192,32 @@ def letter_logprob_predict(model: nn.Module, tokenizer: Any, records: Sequence[R
 
 
 @torch.no_grad()
-def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record],
-                  batch_size: int = 32) -> tuple[list[str], list[str]]:
+def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record], batch_size: int = 32,
+                  precision: Any = None) -> tuple[list[str], list[str]]:
     """MCQ as cloze (the OLMES "CF" formulation): after "Question: ...\nAnswer:", the option whose own
     text is most likely, no letters shown. It measures what the model knows apart from its skill with
     letter formats. Returns the letters picked by total log-probability and by log-probability per
-    character (lm-evaluation-harness's acc and acc_norm)."""
+    character (lm-evaluation-harness's acc and acc_norm). Only the option positions are projected to
+    the vocabulary (the classifier's `token_logprobs`)."""
     from lmlab.generate import length_batches
+    from lmlab.tasks.classifier import pad_id_of, token_logprobs
 
     model.eval()
+    precision = _precision(model, precision)
     bos = bool(tokenizer.add_bos and tokenizer.bos_id is not None)
-    device = next(model.parameters()).device
-    seqs, spans = [], []  # one sequence per (record, option): context + option; the option's token span
+    seqs, where = [], []  # one sequence per (record, option); the positions that predict the option's tokens
     for r in records:
         context = tokenizer.encode(f"Question: {r['question'].strip()}\nAnswer:", bos=bos)
         for c in r["choices"]:
-            seqs.append(context + tokenizer.encode(" " + c.strip()))
-            spans.append((len(context), len(seqs[-1])))
+            option = tokenizer.encode(" " + c.strip())
+            seqs.append(context + option)
+            where.append(list(range(len(context) - 1, len(context) - 1 + len(option))))
     logp = [0.0] * len(seqs)
     for rows in length_batches([len(x) for x in seqs], batch_size):
-        width = max(len(seqs[i]) for i in rows)  # right padding: causal attention never sees it
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)
-        for j, i in enumerate(rows):
-            tokens[j, : len(seqs[i])] = torch.tensor(seqs[i])
-        lp = model(tokens.to(device)).float().log_softmax(-1)
-        for j, i in enumerate(rows):
-            a, b = spans[i]
-            logp[i] = float(lp[j, a - 1: b - 1].gather(-1, tokens[j, a:b, None].to(device)).sum())
+        lps = token_logprobs(model, [seqs[i] for i in rows], [where[i] for i in rows], pad_id_of(tokenizer), precision)
+        for i, lp in zip(rows, lps):
+            option = torch.tensor([seqs[i][t + 1] for t in where[i]], dtype=torch.long)
+            logp[i] = float(lp[torch.arange(len(option)), option].sum())
     raw, norm, k = [], [], 0
     for r in records:
         n = len(r["choices"])
@@ -228,6 +227,13 @@ def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record],
         norm.append(LETTERS[max(range(n), key=per_char.__getitem__)])
         k += n
     return raw, norm
+
+
+def _precision(model: nn.Module, precision: Any) -> Any:
+    """The given Precision, or fp32 on the model's device."""
+    from lmlab.precision import Precision
+
+    return precision if precision is not None else Precision(next(model.parameters()).device)
 
 
 def mcq_accuracy(correct: Sequence[int], records: Sequence[Record]) -> dict[str, Any]:

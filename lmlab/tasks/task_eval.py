@@ -95,15 +95,16 @@ def mcq_zero_shot(model: nn.Module, tokenizer: Any, records: Sequence[Record], t
         "answers": {ch: sum(r["output"] == ch for r in records) for ch in sorted({r["output"] for r in records})}}
 
 
-def mcq_cloze(model: nn.Module, tokenizer: Any, records: Sequence[Record]) -> dict[str, Any]:
+def mcq_cloze(model: nn.Module, tokenizer: Any, records: Sequence[Record], precision: Any = None) -> dict[str, Any]:
     """The base model's cloze accuracy (no letters, no adapter): what it knows about these questions,
-    roughly what an adapter that only teaches the letter format can bring to the surface. Scored by total log-probability
-    of each option (the accuracy and per-item fields) and per character (`accuracy_norm`)."""
+    roughly what an adapter that only teaches the letter format can bring to the surface. Scored by
+    total log-probability of each option (the accuracy and per-item fields) and per character
+    (`accuracy_norm`), under `precision` (None = fp32)."""
     from lmlab.lora import disable_lora
     from lmlab.tasks.qa import cloze_predict
 
     with disable_lora(model):
-        raw, norm = cloze_predict(model, tokenizer, records)
+        raw, norm = cloze_predict(model, tokenizer, records, precision=precision)
     return _mcq_scores(raw, records) | {"accuracy_norm": _mcq_scores(norm, records)["accuracy"]}
 
 
@@ -134,7 +135,7 @@ def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "
     with precision.autocast():
         if task == "mcq":
             results["zero_shot_logprob"] = mcq_zero_shot(model, tok, test, template)
-            results["zero_shot_cloze"] = mcq_cloze(model, tok, test)
+            results["zero_shot_cloze"] = mcq_cloze(model, tok, test, precision=precision)
         prompt = FewShotTemplate(pick_shots(train, shots), cfg.data.system or None) if shots else template
         results[f"base_{shots}shot"] = evaluate_task(model, tok, task, test, prompt, max_retries=max_retries)
         if adapter:
