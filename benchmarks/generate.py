@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from lmlab.generate import GenerationConfig, generate_ids
-from lmlab.loading import load_model
+from lmlab.generation.generate import GenerationConfig, generate_ids
+from lmlab.weights.loading import load_model
 from lmlab.paths import data_dir, smollm2_gguf
-from lmlab.quantize import quantize_int8
-from lmlab.sampling import SamplingConfig
+from lmlab.model.quantize import quantize_int8
+from lmlab.generation.sampling import SamplingConfig
 
 PROMPT_TOKENS, NEW_TOKENS = 208, 128
 

@@ -20,7 +20,7 @@ LMLAB = """
 import time, json
 t0 = time.perf_counter()
 import torch
-from lmlab.loading import load_model
+from lmlab.weights.loading import load_model
 t1 = time.perf_counter()
 loaded = load_model("smollm2-135m-instruct", dtype={dtype!r})
 t2 = time.perf_counter()

@@ -91,7 +91,7 @@ def evaluation(task: str, run: Path, args: argparse.Namespace, model: list[str])
 def paired(res: dict) -> list[str]:
     """McNemar's exact test of the adapter's generated answers against each zero-shot baseline, on the
     same questions (needs the per-item results that evaluations record)."""
-    from lmlab.metrics import mcnemar
+    from lmlab.evaluation.metrics import mcnemar
 
     out = []
     for name, label in (("zero_shot_logprob", "zero-shot letter log-prob"), ("zero_shot_cloze", "zero-shot cloze")):

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from lmlab.config import get_preset
-from lmlab.losses import lm_loss
-from lmlab.model import Transformer
-from lmlab.optim import build_optimizer
+from lmlab.model.config import get_preset
+from lmlab.train.losses import lm_loss
+from lmlab.model.transformer import Transformer
+from lmlab.train.optim import build_optimizer
 from lmlab.precision import Precision, measure_matmul_peak, resolve_device
-from lmlab.schedule import Schedule
-from lmlab.train_state import Progress
-from lmlab.trainer import FitConfig, fit
+from lmlab.train.schedule import Schedule
+from lmlab.train.state import Progress
+from lmlab.train.loop import FitConfig, fit
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADING = "## Training throughput"
@@ -173,7 +173,7 @@ def lora_models(device):
     """The same stories15M shape with rank-8 adapters (alpha 16) on the query and value projections."""
     from peft import LoraConfig, get_peft_model
 
-    from lmlab.lora import LoRAConfig, apply_lora
+    from lmlab.adapters.lora import LoRAConfig, apply_lora
 
     ours = apply_lora(lmlab_model(device), LoRAConfig(rank=8, alpha=16, target_modules=["wq", "wv"]))
     theirs = get_peft_model(hf_model(device), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,

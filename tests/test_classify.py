@@ -13,17 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.checkpoint import save_checkpoint
-from lmlab.config import ModelConfig
+from lmlab.weights.checkpoint import save_checkpoint
+from lmlab.model.config import ModelConfig
 from lmlab.data.classification import read_label_names, read_pipe_file, read_split, read_table, to_sst2
 from lmlab.errors import DataError
-from lmlab.model import Transformer
+from lmlab.model.transformer import Transformer
 from lmlab.precision import Precision
-from lmlab.runconfig import load_config
-from lmlab.tasks.classifier import encode_all, predict_logits, prompt_format, truncate, zero_shot_scores
+from lmlab.schema.load import load_config
+from lmlab.data.classification import encode_all, prompt_format, truncate
+from lmlab.evaluation.scoring import predict_logits, zero_shot_scores
 from lmlab.tasks.classify import load_classifier, run_classify
-from lmlab.tasks.classify_config import ClassifyConfig
-from lmlab.tasks.metrics import classification_metrics, read_predictions
+from lmlab.schema.classify import ClassifyConfig
+from lmlab.evaluation.metrics import classification_metrics
+from lmlab.data.classification import read_predictions
 from lmlab.tokenization import CharTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +134,7 @@ def _direct_logprob(model, prompt: list[int], verbalizer: list[int]) -> float:
 
 @pytest.mark.parametrize("verbalizers", [["b", "g"], [" bad", " good", " so so"]])
 def test_zero_shot_scores_match_a_direct_computation(task, verbalizers) -> None:
-    from lmlab.loading import load_model
+    from lmlab.weights.loading import load_model
 
     loaded = load_model(task["model"])
     tok, model = loaded.tokenizer, loaded.model
@@ -265,7 +267,7 @@ def test_every_classify_recipe_loads() -> None:
 
 
 def test_pooling_ignores_padding_on_either_side() -> None:
-    from lmlab.tasks.classifier import pool
+    from lmlab.model.heads import pool
 
     h = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])

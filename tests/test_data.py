@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.data import Layout, PaddedChunks, RandomWindows, build_shards, check_length, eval_batches, read_documents
+from lmlab.data.pretrain import Layout, PaddedChunks, RandomWindows, build_shards, check_length, eval_batches
+from lmlab.data.corpus import read_documents
 from lmlab.data.pretrain import token_dtype
 from lmlab.errors import DataError
-from lmlab.losses import IGNORE_INDEX
+from lmlab.data.batch import IGNORE_INDEX
 from lmlab.tokenization.char import CharTokenizer
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab import evaluate
-from lmlab.config import ModelConfig
+from lmlab.evaluation import evaluate
+from lmlab.model.config import ModelConfig
 from lmlab.errors import ConfigError
-from lmlab.model import Transformer
+from lmlab.model.transformer import Transformer
 from tests.test_plots import tiny_recipe
 
 
@@ -80,7 +80,7 @@ def test_loss_by_position_modes() -> None:
 
 
 def test_evaluate_run_writes_a_row_per_checkpoint(tmp_path: Path, shared_data: Path) -> None:
-    from lmlab.run import run_recipe
+    from lmlab.tasks.pretrain import run_recipe
 
     run = run_recipe(tiny_recipe(tmp_path, shared_data), ["train.max_steps=4", "train.eval_every=2",
                                                          "checkpoint.every=2"])
@@ -98,7 +98,7 @@ def test_evaluate_run_writes_a_row_per_checkpoint(tmp_path: Path, shared_data: P
 
 
 def test_long_context_eval_of_two_runs(tmp_path: Path, shared_data: Path) -> None:
-    from lmlab.run import run_recipe
+    from lmlab.tasks.pretrain import run_recipe
 
     recipe = tiny_recipe(tmp_path, shared_data)
     runs = [run_recipe(recipe, ["train.max_steps=2", f"out_dir={tmp_path / name}", *extra])
@@ -115,7 +115,7 @@ def test_long_context_eval_of_two_runs(tmp_path: Path, shared_data: Path) -> Non
 
 
 def test_perplexity_command_on_a_checkpoint_and_a_jsonl_field(tmp_path: Path, capsys) -> None:
-    from lmlab.checkpoint import save_checkpoint
+    from lmlab.weights.checkpoint import save_checkpoint
     from lmlab.cli import main
     from lmlab.tokenization.char import CharTokenizer
 

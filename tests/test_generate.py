@@ -5,12 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.model.config import ModelConfig
 from lmlab.errors import ConfigError
-from lmlab.generate import GenerationConfig, generate, generate_ids
-from lmlab.model import Transformer
-from lmlab.sampling import (
-    SamplingConfig, epsilon_filter, min_p_filter, sample_next, top_k_filter, top_p_filter, transform_logits,
+from lmlab.generation.generate import GenerationConfig, generate, generate_ids
+from lmlab.model.transformer import Transformer
+from lmlab.generation.sampling import (
+    SamplingConfig,
+    epsilon_filter,
+    min_p_filter,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+    transform_logits,
 )
 from lmlab.tokenization import CharTokenizer
 

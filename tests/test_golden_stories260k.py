@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lmlab.generate import GenerationConfig, generate_ids
-from lmlab.sampling import SamplingConfig
+from lmlab.generation.generate import GenerationConfig, generate_ids
+from lmlab.generation.sampling import SamplingConfig
 from lmlab.tokenization import load_tokenizer
-from lmlab.weights import build_model
+from lmlab.weights.build import build_model
 from lmlab.weights.llama2c import load_llama2c_bin
 
 

@@ -11,16 +11,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.adapters import export_peft, import_peft, load_adapter, save_adapter, save_lora
-from lmlab.checkpoint import load_checkpoint
-from lmlab.config import ModelConfig
+from lmlab.adapters.files import export_peft, import_peft, load_adapter, save_adapter, save_lora
+from lmlab.weights.checkpoint import load_checkpoint
+from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.lora import (
-    DEFAULT, LoRAConfig, LoRALinear, add_adapter, apply_lora, disable_lora, lora_parameters, lora_state_dict,
-    merge_and_unload, merge_lora, set_active_adapter, unmerge_lora,
+from lmlab.adapters.lora import (
+    DEFAULT,
+    LoRAConfig,
+    LoRALinear,
+    add_adapter,
+    apply_lora,
+    disable_lora,
+    lora_parameters,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    set_active_adapter,
+    unmerge_lora,
 )
-from lmlab.model import Transformer
-from lmlab.weights import build_model, to_interleaved, to_rotate_half
+from lmlab.model.transformer import Transformer
+from lmlab.weights.build import build_model, to_interleaved, to_rotate_half
 from lmlab.weights.hf import load_hf
 
 ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.losses import linear_cross_entropy
+from lmlab.train.losses import linear_cross_entropy
 
 
 @pytest.mark.parametrize("frozen_head", [False, True])

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from lmlab.metrics import accuracy, exact_match, extract_number, gsm8k_match, normalize_answer, rouge, token_f1
+from lmlab.evaluation.metrics import (
+    accuracy,
+    exact_match,
+    extract_number,
+    gsm8k_match,
+    normalize_answer,
+    rouge,
+    token_f1,
+)
 
 
 def test_squad_normalization_and_em():
@@ -56,7 +64,7 @@ def test_gsm8k_final_answer_extraction():
 def test_mcnemar_exact_against_scipy():
     from scipy.stats import binomtest
 
-    from lmlab.metrics import mcnemar
+    from lmlab.evaluation.metrics import mcnemar
 
     a = [1] * 30 + [0] * 12 + [1] * 50 + [0] * 100
     b = [0] * 30 + [1] * 12 + [1] * 50 + [0] * 100

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.config import PRESETS, ModelConfig, get_preset
+from lmlab.model.config import PRESETS, ModelConfig, get_preset
 from lmlab.errors import ConfigError
-from lmlab.kv_cache import KVCache
-from lmlab.model import Transformer
-from lmlab.rope import apply_rotary_emb, rope_angles, rope_inv_freq
+from lmlab.model.kv_cache import KVCache
+from lmlab.model.transformer import Transformer
+from lmlab.model.rope import apply_rotary_emb, rope_angles, rope_inv_freq
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=48)
 VARIANTS = {
@@ -181,7 +181,7 @@ def test_hidden_states_and_bf16() -> None:
 def test_math_attention_equals_sdpa(name: str, T: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU takes three plain kernels for small score matrices (see use_math_attention): logits and
     gradients must equal PyTorch's fused SDPA, with and without padding."""
-    import lmlab.model as model_mod
+    import lmlab.model.transformer as model_mod
 
     cfg = dict(VARIANTS[name], max_seq_len=T)
     torch.manual_seed(0)

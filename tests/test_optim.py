@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from lmlab.config import ModelConfig
+from lmlab.model.config import ModelConfig
 from lmlab.errors import ConfigError
-from lmlab.model import Transformer
-from lmlab.optim import AdamW, build_optimizer, param_groups
-from lmlab.schedule import Schedule, lr_at
+from lmlab.model.transformer import Transformer
+from lmlab.train.optim import AdamW, build_optimizer, param_groups
+from lmlab.train.schedule import Schedule, lr_at
 
 
 def _toy() -> nn.Module:

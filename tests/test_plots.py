@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab import plots
+from lmlab.evaluation import plots
 from lmlab.errors import DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +36,7 @@ precision: {{device: cpu}}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lmlab.paths import data_dir
-    from lmlab.run import run_recipe
+    from lmlab.tasks.pretrain import run_recipe
 
     folder = tmp_path_factory.mktemp("plots")
     return run_recipe(tiny_recipe(folder, data_dir()))

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.adapters import export_peft, save_adapter
-from lmlab.checkpoint import save_checkpoint
-from lmlab.config import ModelConfig
+from lmlab.adapters.files import export_peft, save_adapter
+from lmlab.weights.checkpoint import save_checkpoint
+from lmlab.model.config import ModelConfig
 from lmlab.data.instruct import Template, split_records
 from lmlab.data.qa import mcq_records, permute_options, read_arc, read_mmlu, saq_records
 from lmlab.errors import ConfigError, DataError
-from lmlab.lora import LoRAConfig, add_adapter, set_active_adapter
-from lmlab.model import Transformer
+from lmlab.adapters.lora import LoRAConfig, add_adapter, set_active_adapter
+from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
 from lmlab.tasks.qa import (
     TASKS, Answer, Router, TaskSpec, answer_with_retry, cloze_predict, letter_logprob_predict, load_router, score,
@@ -135,7 +135,7 @@ def test_letter_logprob_baseline_is_batch_invariant(tok, shared_data):
     model = tiny()
     records = read_arc(shared_data / "arc-challenge" / "ARC-Challenge-Dev.jsonl")[:5]
     batched = letter_logprob_predict(model, tok, records, CHAT, batch_size=2)  # length-sorted batches
-    from lmlab.generate import encode_prompt
+    from lmlab.generation.generate import encode_prompt
 
     letters = [tok.encode(ch)[0] for ch in "ABCDE"]
     for rec, got in zip(records, batched):
@@ -181,8 +181,9 @@ def test_permuted_options_keep_the_answer_and_balance_the_letters(shared_data):
 
 
 def test_permute_options_in_a_recipe_triples_only_the_training_split():
-    from lmlab.runconfig import load_config
-    from lmlab.tasks.sft import SFTConfig, load_splits
+    from lmlab.schema.load import load_config
+    from lmlab.schema.sft import SFTConfig
+    from lmlab.tasks.sft import load_splits
 
     plain = load_splits(load_config("recipes/qa/mcq-smollm2.yaml", ["data.max_train=30"], schema=SFTConfig))
     three = load_splits(load_config("recipes/qa/mcq-smollm2.yaml", ["data.max_train=30", "data.permute_options=3"],
@@ -207,7 +208,7 @@ def test_scores():
 def test_load_router_reads_saved_adapters_by_task(tmp_path, tok):
     base = tmp_path / "base"
     save_checkpoint(tiny(), base, tokenizer=tok)
-    from lmlab.loading import load_model
+    from lmlab.weights.loading import load_model
 
     model = with_adapters(load_model(base).model)
     set_active_adapter(model, "mcq")
@@ -261,7 +262,7 @@ def test_qa_eval_on_a_recipe_split(tmp_path, tok):
     cloze = res["zero_shot_cloze"]
     assert len(cloze["correct"]) == 3 and cloze["accuracy"] == sum(cloze["correct"]) / 3
     # with an adapter: it is scored both ways, and its letter scoring differs from the adapter-free baseline
-    from lmlab.loading import load_model
+    from lmlab.weights.loading import load_model
 
     model = with_adapters(load_model(base).model, names=("mcq",))
     save_adapter(model, tmp_path / "mcq")

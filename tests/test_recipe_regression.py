@@ -27,11 +27,11 @@ COMMON = ["precision.dtype=fp32", "precision.device=cpu", "logging.log_every=1",
 
 def tiny_base(folder: Path) -> Path:
     """A tiny Llama-shaped model with SmolLM2's tokenizer, saved as an lmlab checkpoint."""
-    from lmlab.config import ModelConfig
-    from lmlab.model import Transformer
+    from lmlab.model.config import ModelConfig
+    from lmlab.model.transformer import Transformer
     from lmlab.paths import smollm2_gguf
     from lmlab.tokenization import load_tokenizer
-    from lmlab.checkpoint import save_checkpoint
+    from lmlab.weights.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,

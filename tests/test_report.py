@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.cli import main
-from lmlab.report import ReportExists, write_report
+from lmlab.evaluation.report import ReportExists, write_report
 
 
 def fake_run(folder: Path) -> Path:
@@ -52,7 +52,7 @@ def test_sweep_report_with_out_file(tmp_path: Path) -> None:
     (sweep_dir / "results.csv").write_text("run,status,val_loss\na,done,2.5\n")
     (sweep_dir / "results.md").write_text("# Sweep results\n\n| run | val_loss |\n|---|---|\n| a | 2.5 |\n")
     (sweep_dir / "plots").mkdir()
-    from lmlab import plots
+    from lmlab.evaluation import plots
 
     plots.plot_overlay({"a": plots.read_metrics(sweep_dir / "a")}, "loss", sweep_dir / "plots" / "loss_curves.png")
     out = tmp_path / "docs" / "sweep.md"

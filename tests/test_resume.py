@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 
-from lmlab.run import run_recipe
+from lmlab.tasks.pretrain import run_recipe
 from test_trainer import write_tiny_recipe
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import lmlab.run as run
+    import lmlab.tasks.pretrain as run
     calls = 0
     real_loss = run.lm_loss
 

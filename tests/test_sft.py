@@ -8,17 +8,19 @@ import json
 import pytest
 import torch
 
-from lmlab.checkpoint import save_checkpoint
-from lmlab.config import ModelConfig
+from lmlab.weights.checkpoint import save_checkpoint
+from lmlab.model.config import ModelConfig
 from lmlab.data.instruct import (
     Example, InstructBatches, Template, collate, encode_examples, pack, read_alpaca, split_records,
 )
 from lmlab.errors import ConfigError, DataError
-from lmlab.losses import IGNORE_INDEX, lm_loss
-from lmlab.model import Transformer
+from lmlab.data.batch import IGNORE_INDEX
+from lmlab.train.losses import lm_loss
+from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
-from lmlab.runconfig import load_config
-from lmlab.tasks.sft import SFTConfig, perplexities, run_sft
+from lmlab.schema.load import load_config
+from lmlab.schema.sft import SFTConfig
+from lmlab.tasks.sft import perplexities, run_sft
 from lmlab.tokenization import load_tokenizer
 
 
@@ -209,8 +211,8 @@ def test_tiny_end_to_end_run_lowers_conditional_perplexity(tmp_path, tok, shared
                  "adapters/alpaca-peft/adapter_model.safetensors", "adapters/alpaca-peft/adapter_config.json"):
         assert (run / name).is_file(), name
     # the saved adapter (lmlab and peft format) gives the tuned model back on a fresh base
-    from lmlab.adapters import load_adapter
-    from lmlab.loading import load_model
+    from lmlab.adapters.files import load_adapter
+    from lmlab.weights.loading import load_model
 
     x = torch.randint(0, 49152, (1, 12))
     outs = []
@@ -297,7 +299,7 @@ def test_resume_refuses_checkpoints_of_a_different_config(tmp_path):
     """Checkpoints in out_dir resume only under the config that wrote them (outside logging, checkpoint,
     eval and run length), else two runs would be spliced; the error names every changed key."""
     from lmlab.errors import ConfigError
-    from lmlab.runconfig import check_resume_config, save_config
+    from lmlab.schema.load import check_resume_config, save_config
 
     def config(*extra):
         return load_config("recipes/qa/mcq-smollm2.yaml", [f"out_dir={tmp_path}", "data.max_train=400", *extra],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmlab import sweep
+from lmlab.evaluation import sweep
 from lmlab.cli import main
 from lmlab.errors import ConfigError
 from tests.test_plots import tiny_recipe

@@ -8,15 +8,17 @@ import math
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
-from lmlab.losses import IGNORE_INDEX, lm_loss
-from lmlab.model import Transformer
-from lmlab.optim import build_optimizer
+from lmlab.model.config import ModelConfig
+from lmlab.data.batch import IGNORE_INDEX
+from lmlab.train.losses import lm_loss
+from lmlab.model.transformer import Transformer
+from lmlab.train.optim import build_optimizer
 from lmlab.precision import Precision, resolve_device
-from lmlab.run import run_recipe
-from lmlab.schedule import Schedule
-from lmlab.train_state import Checkpointer
-from lmlab.trainer import FitConfig, MetricsLogger, TrainingDiverged, fit
+from lmlab.tasks.pretrain import run_recipe
+from lmlab.train.schedule import Schedule
+from lmlab.train.state import Checkpointer
+from lmlab.train.loop import FitConfig, TrainingDiverged, fit
+from lmlab.train.logger import MetricsLogger
 
 CPU = Precision(resolve_device("cpu"), "fp32")
 
@@ -138,7 +140,7 @@ def test_run_recipe_writes_the_run_folder(tmp_path, shared_data):
     assert summary["n_params"] > 0 and summary["tokens_seen"] == 30 * 4 * 32 and summary["wall_time_s"] > 0
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["best", "step_0000010", "step_0000020", "step_0000030"]
-    from lmlab.checkpoint import load_checkpoint
+    from lmlab.weights.checkpoint import load_checkpoint
 
     assert load_checkpoint(out / "checkpoints" / "best").config.dim == 32
     assert (out / "samples.txt").read_text().startswith("### 'ROMEO:'\nROMEO:")

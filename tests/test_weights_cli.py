@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.config import ModelConfig
+from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.loading import load_model
+from lmlab.weights.loading import load_model
 
 
 def _cli(capsys, *argv: str) -> str:
@@ -73,7 +73,7 @@ def test_preset_spec_and_dtype() -> None:
 
 
 def test_lmlab_config_with_unknown_key(tmp_path) -> None:
-    from lmlab.checkpoint import save_checkpoint
+    from lmlab.weights.checkpoint import save_checkpoint
 
     save_checkpoint(load_model("preset:llama2c-stories260k").model, tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -84,7 +84,7 @@ def test_lmlab_config_with_unknown_key(tmp_path) -> None:
 
 
 def test_shape_mismatch_in_lmlab_checkpoint(tmp_path) -> None:
-    from lmlab.checkpoint import save_checkpoint
+    from lmlab.weights.checkpoint import save_checkpoint
 
     save_checkpoint(load_model("preset:llama2c-stories260k").model, tmp_path / "ckpt")
     config = ModelConfig.load(tmp_path / "ckpt" / "config.json")

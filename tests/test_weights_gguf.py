@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.config import get_preset
+from lmlab.model.config import get_preset
 from lmlab.errors import CheckpointError
-from lmlab.loading import load_model
+from lmlab.weights.loading import load_model
 from lmlab.paths import smollm2_gguf
 from lmlab.weights.gguf import load_gguf
 
@@ -58,8 +58,8 @@ def test_smollm2_logits_match_transformers(smollm, hf_smollm) -> None:
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(smollm, hf_smollm) -> None:
-    from lmlab.generate import GenerationConfig, generate_ids
-    from lmlab.sampling import SamplingConfig
+    from lmlab.generation.generate import GenerationConfig, generate_ids
+    from lmlab.generation.sampling import SamplingConfig
 
     n = 32
     prompts = [smollm.tokenizer.encode(p) for p in PROMPTS]

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from lmlab.config import ModelConfig, get_preset
+from lmlab.model.config import ModelConfig, get_preset
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.loading import load_model
-from lmlab.model import Transformer
-from lmlab.weights import to_interleaved, to_rotate_half
+from lmlab.weights.loading import load_model
+from lmlab.model.transformer import Transformer
+from lmlab.weights.build import to_interleaved, to_rotate_half
 from lmlab.weights.hf import hf_family, save_hf
 
 transformers = pytest.importorskip("transformers")

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.config import ModelConfig, get_preset
+from lmlab.model.config import ModelConfig, get_preset
 from lmlab.errors import CheckpointError
-from lmlab.loading import load_model
-from lmlab.model import Transformer
+from lmlab.weights.loading import load_model
+from lmlab.model.transformer import Transformer
 from lmlab.tokenization import load_tokenizer
 
 

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.loading import convert
+    from lmlab.weights.loading import convert
 
     out = convert(args.src, args.to, args.out, dtype=args.dtype)
     print(f"wrote {args.to} folder {out}")

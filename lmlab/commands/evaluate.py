@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab import evaluate
+    from lmlab.evaluation import evaluate
     from lmlab.errors import DataError
 
     folder = Path(args.folder)

@@ -62,17 +62,17 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lmlab.generate import GenerationConfig, generate
-    from lmlab.loading import load_model
+    from lmlab.generation.generate import GenerationConfig, generate
+    from lmlab.weights.loading import load_model
     from lmlab.precision import inference_dtype
-    from lmlab.sampling import SamplingConfig
+    from lmlab.generation.sampling import SamplingConfig
 
     prompts = _read_prompts(args)
     t0 = time.perf_counter()
     dtype = inference_dtype(args.dtype, args.device)
     loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
     if args.quantize == "int8":
-        from lmlab.quantize import quantize_int8
+        from lmlab.model.quantize import quantize_int8
 
         quantize_int8(loaded.model, dtype)  # computes in the resolved dtype (bf16 or fp32)
     load_s = time.perf_counter() - t0

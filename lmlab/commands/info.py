@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.loading import describe, load_model
+    from lmlab.weights.loading import describe, load_model
 
     info = describe(load_model(args.model))
     if args.json:

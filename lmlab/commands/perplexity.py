@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.evaluate import model_perplexity
+    from lmlab.evaluation.evaluate import model_perplexity
 
     result, info = model_perplexity(
         args.model, args.data, context=args.context, stride=args.stride, max_tokens=args.max_tokens,

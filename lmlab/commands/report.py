@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.report import write_report
+    from lmlab.evaluation.report import write_report
 
     path = write_report(args.folder, args.out or None, force=args.force)
     print(f"report: {path}")

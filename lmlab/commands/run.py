@@ -19,14 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_keys:
-        from lmlab.runconfig import field_docs
+        from lmlab.schema.load import field_docs
 
         for key, doc in field_docs().items():
             print(f"{key:32s} {doc}")
         return 0
     if not args.recipe:
         raise SystemExit("lmlab run: a recipe YAML is required (or --list-keys)")
-    from lmlab.run import run_recipe
+    from lmlab.tasks.pretrain import run_recipe
 
     run_recipe(args.recipe, args.overrides)
     return 0

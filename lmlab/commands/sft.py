@@ -22,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_keys:
-        from lmlab.runconfig import field_docs
-        from lmlab.tasks.sft import SFTConfig
+        from lmlab.schema.load import field_docs
+        from lmlab.schema.sft import SFTConfig
 
         for key, doc in field_docs(SFTConfig).items():
             print(f"{key:32s} {doc}")

@@ -38,7 +38,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab import sweep
+    from lmlab.evaluation import sweep
 
     if sweep.is_sweep_file(args.file):
         if args.grid:

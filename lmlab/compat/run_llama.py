@@ -77,7 +77,7 @@ def resolve_data_path(path: str) -> str:
 
 def build_config(args: argparse.Namespace):
     """The ClassifyConfig that the seed's flags describe."""
-    from lmlab.tasks.classify_config import ClassifyConfig
+    from lmlab.schema.classify import ClassifyConfig
 
     cfg = ClassifyConfig()
     method = METHODS[args.option]
@@ -108,9 +108,9 @@ def build_config(args: argparse.Namespace):
 def generate_sentences(args: argparse.Namespace) -> None:
     """Two continuations of the seed's prefix, at temperature 0 and 1, one file each."""
     from lmlab.fileio import atomic_write_text
-    from lmlab.generate import GenerationConfig, encode_prompt, generate_ids
-    from lmlab.loading import load_model
-    from lmlab.sampling import SamplingConfig
+    from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
+    from lmlab.weights.loading import load_model
+    from lmlab.generation.sampling import SamplingConfig
 
     loaded = load_model(args.pretrained_model_path, device="cuda" if args.use_gpu else "cpu")
     tok = loaded.tokenizer

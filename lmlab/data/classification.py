@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmlab.errors import DataError
+import torch
+
+from lmlab.data.batch import IGNORE_INDEX, Batch, right_pad
+from lmlab.errors import ConfigError, DataError
+from lmlab.fileio import atomic_write_text
 
 SEPARATOR = " ||| "
 SST2_NAMES = ["negative", "positive"]
@@ -178,3 +184,125 @@ def read_split(path: str | Path, label_names: list[str], fmt: str = "auto", text
 
 __all__ = ["LabeledTexts", "read_label_names", "read_pipe_file", "read_table", "read_split", "to_sst2",
            "SST2_NAMES"]
+
+
+TEXT = "{text}"
+
+
+
+_SENTINEL = "\x00TEXT\x00"
+
+
+
+TRUNCATIONS = ("head", "tail", "middle")
+
+
+
+@dataclass
+class PromptFormat:
+    """Token ids around the text: BOS + prefix + text (truncated) + suffix."""
+
+    prefix: list[int]
+    suffix: list[int]
+    max_len: int
+    truncation: str = "middle"
+
+    def encode(self, tokenizer, text: str) -> tuple[list[int], bool]:
+        """(ids, whether the text was truncated to fit max_len)."""
+        ids = tokenizer.encode(text)
+        room = self.max_len - len(self.prefix) - len(self.suffix)
+        if room <= 0:
+            raise ConfigError(f"max_len={self.max_len} leaves no room for text after the template's "
+                              f"{len(self.prefix) + len(self.suffix)} tokens")
+        cut = len(ids) > room
+        if cut:
+            ids = truncate(ids, room, self.truncation)
+        return self.prefix + ids + self.suffix, cut
+
+
+
+def truncate(ids: list[int], n: int, how: str) -> list[int]:
+    """Keep n tokens: the start (head), the end (tail), or the first quarter and last three quarters
+    (middle: Sun et al. 2019 found head+tail best for long reviews, where verdicts sit at the end)."""
+    if how == "head":
+        return ids[:n]
+    if how == "tail":
+        return ids[len(ids) - n:]
+    if how == "middle":
+        first = n // 4
+        return ids[:first] + ids[len(ids) - (n - first):]
+    raise ConfigError(f"truncation={how!r}: expected one of {TRUNCATIONS}")
+
+
+
+def prompt_format(tokenizer, template: str, max_len: int, *, chat: bool = False, system: str = "",
+                  truncation: str = "middle") -> PromptFormat:
+    """Split `template` (which must hold {text}) into prefix/suffix ids; with `chat` the template is the
+    user turn of the tokenizer's chat template and the suffix ends at the assistant's turn."""
+    if template.count(TEXT) != 1:
+        raise ConfigError(f"template {template!r}: must contain {TEXT} exactly once")
+    if truncation not in TRUNCATIONS:
+        raise ConfigError(f"truncation={truncation!r}: expected one of {TRUNCATIONS}")
+    text = template.replace(TEXT, _SENTINEL)
+    bos: list[int] = []
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    elif tokenizer.add_bos and tokenizer.bos_id is not None:
+        bos = [tokenizer.bos_id]
+    before, after = text.split(_SENTINEL)
+    return PromptFormat(bos + tokenizer.encode(before), tokenizer.encode(after), max_len, truncation)
+
+
+
+def encode_all(tokenizer, fmt: PromptFormat, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+    """Encoded texts and how many were truncated."""
+    out, n_cut = [], 0
+    for t in texts:
+        ids, cut = fmt.encode(tokenizer, t)
+        out.append(ids)
+        n_cut += cut
+    return out, n_cut
+
+
+
+class EpochBatches:
+    """The training batch source for `fit`: a fresh seeded shuffle each epoch, `batch_size` examples per
+    optimizer step split into `grad_accum` micro-batches. The last step of an epoch may be smaller."""
+
+    def __init__(self, seqs: list[list[int]], labels: list[int], batch_size: int, grad_accum: int, seed: int,
+                 pad_id: int) -> None:
+        if batch_size <= 0 or grad_accum <= 0:
+            raise ConfigError(f"train.batch_size={batch_size} and train.grad_accum={grad_accum} must be > 0")
+        self.seqs, self.labels, self.pad_id = seqs, labels, pad_id
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.steps_per_epoch = math.ceil(len(seqs) / batch_size)
+        self._epoch, self._order = -1, torch.arange(0)
+
+    def __call__(self, step: int, micro: int) -> Batch:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.seqs), generator=g)
+        step_idx = self._order[k * self.batch_size:(k + 1) * self.batch_size]
+        # micro-batches of similar lengths: less padding, the same examples in the same optimizer step
+        step_idx = step_idx[torch.tensor([len(self.seqs[i]) for i in step_idx]).argsort(stable=True)]
+        idx = step_idx.tensor_split(self.grad_accum)[micro]
+        labels = [self.labels[i] for i in idx]
+        if len(idx) == 0:  # a last step smaller than grad_accum: one example that counts for nothing
+            idx, labels = self._order[:1], [IGNORE_INDEX]
+        ids, mask = right_pad([self.seqs[i] for i in idx], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels)}
+
+
+def write_predictions(path: str | Path, preds: Sequence[int], texts: Sequence[str]) -> Path:
+    """`PRED ||| text` per line, the minllama `write_predictions_to_file` format."""
+    lines = "".join(f"{p} ||| {t}\n" for p, t in zip(preds, texts, strict=True))
+    atomic_write_text(Path(path), lines)
+    return Path(path)
+
+
+
+def read_predictions(path: str | Path) -> list[int]:
+    """The predicted labels of a prediction file (tests, re-scoring)."""
+    return [int(line.split(" ||| ", 1)[0]) for line in Path(path).read_text().splitlines() if line]

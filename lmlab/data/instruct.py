@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from lmlab.errors import ConfigError, DataError
-from lmlab.losses import IGNORE_INDEX, Batch
+from lmlab.data.batch import IGNORE_INDEX, Batch
 
 Record = dict[str, Any]  # instruction, input, output (str) + optional extra fields
 

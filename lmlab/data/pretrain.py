@@ -28,7 +28,7 @@ import torch
 
 from lmlab.errors import DataError
 from lmlab.fileio import atomic_replace_dir
-from lmlab.losses import IGNORE_INDEX, Batch
+from lmlab.data.batch import IGNORE_INDEX, Batch
 
 SHARD_VERSION = 1
 
@@ -211,3 +211,36 @@ def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str
         groups = groups[:max_batches]
     mine = [g[rank * batch_size: (rank + 1) * batch_size] for g in groups]
     return [collate_chunks(split.tokens, g, seq_len, pad_id) for g in mine if len(g)]
+
+
+def build_tokenizer(spec: str, docs: list[str]) -> tuple[Any, str]:
+    """(tokenizer, identity for the token cache): `char` is built from the corpus, else a path."""
+    if spec == "char":
+        from lmlab.tokenization.char import CharTokenizer
+
+        return CharTokenizer.from_text("".join(docs)), "char"
+    from lmlab.tokenization import load_tokenizer
+
+    path = Path(spec)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.read_bytes())
+    return load_tokenizer(spec), f"file:{digest.hexdigest()}"
+
+
+
+def prepare_data(d: Any) -> tuple[Any, Any, Any]:
+    """(tokenizer, train split, validation split) of a recipe's data section: documents -> tokenizer ->
+    token shards (cached by content hash, so a second call is a lookup)."""
+    from lmlab.data.pretrain import build_shards
+    from lmlab.data.corpus import read_documents
+
+    docs, digest = read_documents(d.path, field=d.field, column=d.column, separator=d.doc_separator, hf_split=d.hf_split)
+    val_docs, val_digest = read_documents(d.val_path, field=d.field, column=d.column, separator=d.doc_separator,
+                                          hf_split=d.hf_split) if d.val_path else (None, "")
+    tokenizer, tok_id = build_tokenizer(d.tokenizer, docs + (val_docs or []))
+    train_split, val_split = build_shards(docs, digest, tokenizer, tok_id, cache_dir=d.cache_dir,
+                                          val_fraction=d.val_fraction, val_docs=val_docs, val_digest=val_digest,
+                                          add_bos=d.add_bos, add_eos=d.add_eos)
+    return tokenizer, train_split, val_split

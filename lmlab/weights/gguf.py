@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError
-from lmlab.weights import to_interleaved
+from lmlab.weights.build import to_interleaved
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 # per-layer GGUF tensor -> lmlab parameter (".weight" / ".bias" suffixes carry over)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError
 
 MAGIC = 0x616B3432  # "ak42"

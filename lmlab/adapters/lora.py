@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.checkpoint import unwrap
+from lmlab.model.transformer import unwrap
 from lmlab.errors import ConfigError
 
 DEFAULT = "default"
@@ -214,7 +214,7 @@ def add_adapter(model: nn.Module, name: str, cfg_or_path: LoRAConfig | str | Pat
     adapter and its `trainable` modules is frozen. Returns the same model.
     """
     if not isinstance(cfg_or_path, LoRAConfig):
-        from lmlab.adapters import load_adapter
+        from lmlab.adapters.files import load_adapter
 
         return load_adapter(model, cfg_or_path, name=name)
     cfg, raw = cfg_or_path, unwrap(model)

@@ -26,14 +26,20 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmlab.checkpoint import save_checkpoint, unwrap
+from lmlab.weights.checkpoint import save_checkpoint
+from lmlab.model.transformer import unwrap
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_replace_dir
-from lmlab.lora import (
-    DEFAULT, LoRAConfig, add_adapter, adapter_config, lora_modules, lora_state_dict,
+from lmlab.adapters.lora import (
+    DEFAULT,
+    LoRAConfig,
+    add_adapter,
+    adapter_config,
+    lora_modules,
+    lora_state_dict,
     merge_and_unload,
 )
-from lmlab.weights import to_interleaved, to_rotate_half  # the one RoPE row permutation (and inverse)
+from lmlab.weights.build import to_interleaved, to_rotate_half
 from lmlab.weights.hf import LLAMA_LAYER, LLAMA_TOP, hf_family  # the one lmlab <-> HF name table
 
 WEIGHTS = "adapter.safetensors"

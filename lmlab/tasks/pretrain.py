@@ -24,74 +24,27 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.losses import lm_loss
-from lmlab.runconfig import ModelSection, RunConfig, check_resume_config, load_config, save_config
-from lmlab.trainer import FitConfig, FitResult, MetricsLogger, fit
-
-
-@dataclasses.dataclass
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_name: str, backend: str = "auto") -> tuple[Dist, str]:
-    """Join the torchrun process group (gloo on CPU, NCCL on CUDA); returns (dist, device name)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), device_name
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device_name = f"cuda:{local_rank}"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend)
-    return Dist(rank, world, local_rank), device_name
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_tokenizer(spec: str, docs: list[str]) -> tuple[Any, str]:
-    """(tokenizer, identity for the token cache): `char` is built from the corpus, else a path."""
-    if spec == "char":
-        from lmlab.tokenization.char import CharTokenizer
-
-        return CharTokenizer.from_text("".join(docs)), "char"
-    from lmlab.tokenization import load_tokenizer
-
-    path = Path(spec)
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.read_bytes())
-    return load_tokenizer(spec), f"file:{digest.hexdigest()}"
+from lmlab.train.losses import lm_loss
+from lmlab.schema.sections import ModelSection
+from lmlab.schema.pretrain import RunConfig
+from lmlab.schema.load import check_resume_config, load_config, save_config
+from lmlab.train.loop import FitConfig, FitResult, fit
+from lmlab.train.logger import MetricsLogger
+from lmlab.train.distributed import seed_everything, setup_distributed, wrap_model
+from lmlab.data.pretrain import prepare_data
 
 
 def build_model(section: ModelSection, vocab_size: int | None = None) -> nn.Module:
     """A fresh preset (vocab from the tokenizer unless overridden) or a checkpoint, with overrides."""
-    from lmlab.config import get_preset
-    from lmlab.model import Transformer
+    from lmlab.model.config import get_preset
+    from lmlab.model.transformer import Transformer
 
     overrides = dict(section.overrides)
     if section.init.startswith("preset:"):
         if vocab_size and section.vocab_from_tokenizer and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
         return Transformer(get_preset(section.init.removeprefix("preset:"), **overrides))
-    from lmlab.checkpoint import load_checkpoint, load_state_into, model_state
+    from lmlab.weights.checkpoint import load_checkpoint, load_state_into, model_state
 
     model = load_checkpoint(section.init)
     if overrides:
@@ -104,24 +57,6 @@ def build_model(section: ModelSection, vocab_size: int | None = None) -> nn.Modu
             f"model.init={section.init}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's {vocab_size}"
         )
     return model
-
-
-def wrap_model(model: nn.Module, dist: Dist, strategy: str, compile_model: bool) -> nn.Module:
-    """DDP or FSDP under torchrun, then torch.compile if asked. The raw model stays reachable
-    through `.module` / `._orig_mod` (lmlab.checkpoint.unwrap), which is what gets saved."""
-    if dist.world > 1:
-        if strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.layers:
-                fully_shard(block)
-            fully_shard(model)
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            on_cuda = next(model.parameters()).is_cuda
-            model = DistributedDataParallel(model, device_ids=[dist.local_rank] if on_cuda else None)
-    return torch.compile(model) if compile_model else model
 
 
 def make_fit_config(cfg: RunConfig, max_steps: int, flops_per_token: float, peak_flops: float, is_main: bool) -> FitConfig:
@@ -139,27 +74,12 @@ def run_recipe(path: str | Path | None, overrides: list[str] = ()) -> Path:
     return run_config(cfg)
 
 
-def prepare_data(d: Any) -> tuple[Any, Any, Any]:
-    """(tokenizer, train split, validation split) of a recipe's data section: documents -> tokenizer ->
-    token shards (cached by content hash, so a second call is a lookup)."""
-    from lmlab.data import build_shards, read_documents
-
-    docs, digest = read_documents(d.path, field=d.field, column=d.column, separator=d.doc_separator, hf_split=d.hf_split)
-    val_docs, val_digest = read_documents(d.val_path, field=d.field, column=d.column, separator=d.doc_separator,
-                                          hf_split=d.hf_split) if d.val_path else (None, "")
-    tokenizer, tok_id = build_tokenizer(d.tokenizer, docs + (val_docs or []))
-    train_split, val_split = build_shards(docs, digest, tokenizer, tok_id, cache_dir=d.cache_dir,
-                                          val_fraction=d.val_fraction, val_docs=val_docs, val_digest=val_digest,
-                                          add_bos=d.add_bos, add_eos=d.add_eos)
-    return tokenizer, train_split, val_split
-
-
 def run_config(cfg: RunConfig) -> Path:
-    from lmlab.data import Layout, PaddedChunks, RandomWindows, check_length, eval_batches
-    from lmlab.optim import build_optimizer
+    from lmlab.data.pretrain import Layout, PaddedChunks, RandomWindows, check_length, eval_batches
+    from lmlab.train.optim import build_optimizer
     from lmlab.precision import Precision, peak_flops, resolve_device
-    from lmlab.schedule import Schedule
-    from lmlab.train_state import Checkpointer, load_train_state
+    from lmlab.train.schedule import Schedule
+    from lmlab.train.state import Checkpointer, load_train_state
 
     t0 = time.perf_counter()
     dist, device_name = setup_distributed(cfg.precision.device, cfg.distributed.backend)
@@ -267,8 +187,8 @@ def finish(cfg: RunConfig, out: Path, model: nn.Module, tokenizer: Any, result: 
 
 def sample_text(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> str:
     """Continue each prompt of `cfg.sample` (seeded); returns the text written to samples.txt."""
-    from lmlab.generate import GenerationConfig, generate_ids
-    from lmlab.sampling import SamplingConfig
+    from lmlab.generation.generate import GenerationConfig, generate_ids
+    from lmlab.generation.sampling import SamplingConfig
 
     s = cfg.sample
     gen = GenerationConfig(

@@ -93,11 +93,11 @@ class Checkpointer:
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
              scaler: Any = None, meta: dict[str, Any] | None = None) -> Path | None:
         """Atomically write checkpoints/<name>/ (name: step_XXXXXXX or best)."""
-        from lmlab.checkpoint import save_checkpoint
+        from lmlab.weights.checkpoint import save_checkpoint
 
         rng = _gather_rng()  # collectives: every rank calls save
         if self.trainable_only:
-            from lmlab.checkpoint import unwrap
+            from lmlab.model.transformer import unwrap
 
             model, optim_state = unwrap(model), optimizer.state_dict()
         else:
@@ -150,7 +150,7 @@ def _is_sharded(model: nn.Module) -> bool:
 def _full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, dict]:
     """The module and optimizer state to save. Under FSDP both are sharded: gather full copies to
     rank 0 (a collective) and put the weights into a plain CPU model there."""
-    from lmlab.checkpoint import unwrap
+    from lmlab.model.transformer import unwrap
 
     raw = unwrap(model)
     if not _is_sharded(raw):
@@ -171,7 +171,8 @@ def load_train_state(folder: str | Path, model: nn.Module, optimizer: torch.opti
     """Restore weights, optimizer, scaler and this rank's RNG from a step checkpoint."""
     from safetensors.torch import load_file
 
-    from lmlab.checkpoint import WEIGHTS, load_state_into, unwrap
+    from lmlab.weights.checkpoint import WEIGHTS, load_state_into
+    from lmlab.model.transformer import unwrap
 
     folder = Path(folder)
     partial = (folder / TRAINABLE_FILE).is_file()

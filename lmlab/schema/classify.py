@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lmlab import runconfig
-from lmlab.runconfig import LoggingSection, PrecisionSection
+from lmlab.schema import sections
+from lmlab.schema.sections import LoggingSection, PrecisionSection
 
 SEED_PROMPT = "{text} Is this movie {labels}? This movie is"
 
@@ -138,7 +138,7 @@ class TrainSection:
 
 
 @dataclass
-class OptimSection(runconfig.OptimSection):
+class OptimSection(sections.OptimSection):
     """AdamW (lmlab/optim.py) with the seed's defaults; the fields are the pretraining recipe's."""
 
     lr: float = 2e-5

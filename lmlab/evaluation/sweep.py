@@ -39,7 +39,7 @@ import yaml
 
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.fileio import atomic_write_text
-from lmlab.runconfig import load_config, save_config
+from lmlab.schema.load import load_config, save_config
 
 SUMMARY = "summary.json"
 
@@ -210,7 +210,7 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
 
 def inprocess_runner(recipe: Path, spec: RunSpec) -> None:
     """`lmlab.run.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
-    from lmlab.run import run_recipe
+    from lmlab.tasks.pretrain import run_recipe
 
     run_recipe(recipe, _run_overrides(spec))
 
@@ -368,7 +368,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_plots(specs: list[RunSpec], sweep_dir: Path) -> list[Path]:
     """Per-run loss/perplexity curves and overlays by step and by tokens, under <sweep>/plots/."""
-    from lmlab import plots
+    from lmlab.evaluation import plots
 
     runs = {s.name: plots.read_metrics(s.run_dir) for s in specs if (s.run_dir / "metrics.jsonl").is_file()}
     runs = {k: v for k, v in runs.items() if v}
@@ -389,7 +389,7 @@ def sweep_from_recipe(
     recipe: str | Path, grid: list[str], seeds: list[int], out_dir: str = "", overrides: list[str] = (),
 ) -> SweepConfig:
     """A sweep over `--grid key=v1,v2` flags of a plain recipe (values parsed as YAML scalars)."""
-    from lmlab.runconfig import parse_scalar
+    from lmlab.schema.load import parse_scalar
 
     table: dict[str, list[Any]] = {}
     for item in grid:

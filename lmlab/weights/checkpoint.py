@@ -15,22 +15,13 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmlab.config import ModelConfig
+from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_replace_dir
-from lmlab.model import Transformer
+from lmlab.model.transformer import Transformer, unwrap
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The raw Transformer under torch.compile / DDP / FSDP wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -112,6 +103,6 @@ def load_checkpoint(
         raise CheckpointError(f"{directory / WEIGHTS}: not found") from None
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable or truncated safetensors file ({err})") from None
-    from lmlab.weights import build_model  # lazy: lmlab.weights imports this module
+    from lmlab.weights.build import build_model  # lazy: lmlab.weights imports this module
 
     return build_model(config, state, str(directory / WEIGHTS), device=device, dtype=dtype)

@@ -78,7 +78,7 @@ def run_report(run_dir: Path, report_dir: Path) -> str:
 
 def _run_plots(run_dir: Path) -> list[Path]:
     """Curves drawn now from metrics.jsonl, plus every PNG the run (or `lmlab evaluate`) left behind."""
-    from lmlab import plots
+    from lmlab.evaluation import plots
 
     drawn: list[Path] = []
     if (run_dir / "metrics.jsonl").is_file() and plots.read_metrics(run_dir):
@@ -128,7 +128,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _kv_table(data: dict[str, Any]) -> str:
-    from lmlab.sweep import format_value
+    from lmlab.evaluation.sweep import format_value
 
     lines = ["| key | value |", "|---|---|"]
     for key, value in data.items():
@@ -140,7 +140,7 @@ def _kv_table(data: dict[str, Any]) -> str:
 def _csv_as_markdown(path: Path) -> str:
     import csv
 
-    from lmlab.sweep import markdown_table
+    from lmlab.evaluation.sweep import markdown_table
 
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))

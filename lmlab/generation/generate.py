@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmlab.kv_cache import KVCache
-from lmlab.model import Transformer
-from lmlab.sampling import SamplingConfig, sample_next
+from lmlab.model.kv_cache import KVCache
+from lmlab.model.transformer import Transformer
+from lmlab.generation.sampling import SamplingConfig, sample_next
 
 
 @dataclass

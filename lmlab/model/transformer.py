@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.config import ModelConfig
-from lmlab.kv_cache import KVCache
-from lmlab.rope import apply_rotary_emb, rope_angles, rope_inv_freq
+from lmlab.model.config import ModelConfig
+from lmlab.model.kv_cache import KVCache
+from lmlab.model.rope import apply_rotary_emb, rope_angles, rope_inv_freq
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -423,3 +423,12 @@ class Transformer(nn.Module):
         attn[:, torch.arange(T, device=device), q_slot] = True  # padded rows: no all-False row
         ctx.mask = attn[:, None]
         return ctx, positions
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw Transformer under torch.compile / DDP / FSDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner

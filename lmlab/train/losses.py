@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmlab.checkpoint import unwrap
+from lmlab.data.batch import IGNORE_INDEX, Batch
+from lmlab.model.transformer import unwrap
 
-IGNORE_INDEX = -100
 
-Batch = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
 
 
@@ -148,3 +147,12 @@ def shift_labels(tokens: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor
     if pad_mask is not None:
         labels[pad_mask[:, 1:]] = IGNORE_INDEX
     return inputs, labels
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the batch and the number of examples (the loop divides once).
+    Labels equal to IGNORE_INDEX count for nothing (a filler example in an otherwise empty micro-batch)."""
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.model.config import ModelConfig
 
 
 class KVCache:

@@ -14,10 +14,12 @@ them gets right decide it), which is far more sensitive than two separate confid
 from __future__ import annotations
 
 import math
+import statistics
 import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -100,3 +102,43 @@ def extract_number(text: str) -> str | None:
 def gsm8k_match(prediction: str, reference: str) -> float:
     got, want = extract_number(prediction), extract_number(reference)
     return float(got is not None and got == want)
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n: int) -> list[list[int]]:
+    """Rows = true label, columns = predicted label."""
+    m = [[0] * n for _ in range(n)]
+    for t, p in zip(y_true, y_pred, strict=True):
+        m[t][p] += 1
+    return m
+
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_names: Sequence[str]) -> dict[str, Any]:
+    """accuracy, macro_f1, per_class {name: precision, recall, f1, support}, confusion (rows = true)."""
+    n = len(label_names)
+    cm = confusion_matrix(y_true, y_pred, n)
+    per_class: dict[str, dict[str, float]] = {}
+    for c, name in enumerate(label_names):
+        tp = cm[c][c]
+        predicted = sum(cm[r][c] for r in range(n))
+        support = sum(cm[c])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    total = len(y_true)
+    return {
+        "n": total,
+        "accuracy": sum(cm[c][c] for c in range(n)) / total if total else 0.0,
+        "macro_f1": statistics.fmean(v["f1"] for v in per_class.values()) if per_class else 0.0,
+        "per_class": per_class,
+        "confusion": cm,
+        "labels": list(label_names),
+    }
+
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (n-1; 0 for a single value), as the minllama reference table reports."""
+    vals = list(values)
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0

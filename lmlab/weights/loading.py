@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.model import Transformer
+from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
 
 REGISTRY: dict[str, Callable[[], Path]] = {
@@ -85,7 +85,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    from lmlab.config import get_preset
+    from lmlab.model.config import get_preset
 
     model = Transformer(get_preset(name)).to(device=device, dtype=dtype or torch.float32).eval()
     return LoadedModel(model, None, f"preset:{name}", "preset")
@@ -96,7 +96,7 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
         return _load_dir(path, device, dtype)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder (expected {EXPECTED})")
-    from lmlab.weights import build_model
+    from lmlab.weights.build import build_model
 
     suffix = path.suffix.lower()
     if suffix == ".gguf":
@@ -115,14 +115,14 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
 
 
 def _load_dir(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    from lmlab.checkpoint import is_checkpoint, load_checkpoint
+    from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint
     from lmlab.weights.hf import is_hf_dir, load_hf
 
     if is_checkpoint(path):
         model = load_checkpoint(path, device=device, dtype=dtype).eval()
         return LoadedModel(model, _tokenizer_in(path), str(path), "lmlab")
     if is_hf_dir(path):
-        from lmlab.weights import build_model
+        from lmlab.weights.build import build_model
 
         config, state = load_hf(path)
         model = build_model(config, state, str(path), device=device, dtype=dtype or torch.float32)
@@ -174,7 +174,7 @@ def convert(spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtyp
         from lmlab.weights.hf import save_hf
 
         return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer)
-    from lmlab.checkpoint import save_checkpoint
+    from lmlab.weights.checkpoint import save_checkpoint
 
     return save_checkpoint(loaded.model, out_dir, tokenizer=loaded.tokenizer,
                            metadata={"converted_from": loaded.source, "source_kind": loaded.kind})

@@ -1,0 +1,44 @@
+"""Sequence heads on the decoder: a scalar or class head reading the last real (or mean) hidden state."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmlab.errors import ConfigError
+
+
+def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """(B, T, D) -> (B, D): the last real token (either padding side) or the mean over real tokens."""
+    if mode == "last":
+        last = mask.long().cumsum(1).argmax(1)  # first slot reaching the final count = last real token
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    if mode == "mean":
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    raise ConfigError(f"classify.pooling={mode!r}: expected last or mean")
+
+
+
+class SequenceClassifier(nn.Module):
+    """backbone (a Transformer) + dropout + linear head; returns class logits (B, C)."""
+
+    def __init__(self, backbone: nn.Module, n_labels: int, dropout: float = 0.3, pooling: str = "last") -> None:
+        super().__init__()
+        pool(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # reject a bad mode now, not mid-run
+        self.backbone = backbone
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.dim, n_labels)
+        # zero at start: uniform predictions, loss ln(C), and no gradient into the backbone until the head has
+        # learned a direction. A randomly initialized head on final-norm states (norms in the tens for
+        # SmolLM2) starts with large confident logits whose gradients scramble the backbone in the first
+        # steps (measured: CFIMDB train loss above ln 2 for 30 steps, dev 0.73 after one epoch).
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.backbone(input_ids, attention_mask=attention_mask, return_hidden=True)  # (B, T, D)
+        return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))

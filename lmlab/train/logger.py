@@ -1,0 +1,54 @@
+"""metrics.jsonl (and TensorBoard): the log every training run writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.fileio import atomic_write_text
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per line, flushed) and optional TensorBoard scalars.
+
+    On resume, lines past the checkpoint's step are dropped first, so the file reads as one
+    uninterrupted run. `path=None` (other ranks, tests) logs nothing.
+    """
+
+    def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None, resume_step: int | None = None):
+        self.path, self.tb, self.file = Path(path) if path else None, None, None
+        if self.path is None:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            from lmlab.fileio import atomic_write_text
+
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a" if resume_step is not None else "w")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise LmlabError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def log(self, line: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            prefix = line.get("split", "train")
+            for key, value in line.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{prefix}/{key}", value, line["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.tb is not None:
+            self.tb.close()
