@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from lmlab.generation.generate import GenerationConfig, generate_ids
-from lmlab.weights.loading import load_model
-from lmlab.paths import data_dir, smollm2_gguf
-from lmlab.model.quantize import quantize_int8
 from lmlab.generation.sampling import SamplingConfig
+from lmlab.model.quantize import quantize_int8
+from lmlab.paths import data_dir, smollm2_gguf
+from lmlab.weights.loading import load_model
 
 PROMPT_TOKENS, NEW_TOKENS = 208, 128
 

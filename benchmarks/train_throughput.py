@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from lmlab.model.config import get_preset
-from lmlab.train.losses import lm_loss
 from lmlab.model.transformer import Transformer
-from lmlab.train.optim import build_optimizer
 from lmlab.precision import Precision, measure_matmul_peak, resolve_device
+from lmlab.train.loop import FitConfig, fit
+from lmlab.train.losses import lm_loss
+from lmlab.train.optim import build_optimizer
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import Progress
-from lmlab.train.loop import FitConfig, fit
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 HEADING = "## Training throughput"

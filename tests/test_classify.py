@@ -13,20 +13,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.weights.checkpoint import save_checkpoint
-from lmlab.model.config import ModelConfig
-from lmlab.data.classification import read_label_names, read_pipe_file, read_split, read_table, to_sst2
+from lmlab.data.classification import (
+    encode_all,
+    prompt_format,
+    read_label_names,
+    read_pipe_file,
+    read_predictions,
+    read_split,
+    read_table,
+    to_sst2,
+    truncate,
+)
 from lmlab.errors import DataError
+from lmlab.evaluation.metrics import classification_metrics
+from lmlab.evaluation.scoring import predict_logits, zero_shot_scores
+from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.precision import Precision
-from lmlab.schema.load import load_config
-from lmlab.data.classification import encode_all, prompt_format, truncate
-from lmlab.evaluation.scoring import predict_logits, zero_shot_scores
-from lmlab.tasks.classify import load_classifier, run_classify
 from lmlab.schema.classify import ClassifyConfig
-from lmlab.evaluation.metrics import classification_metrics
-from lmlab.data.classification import read_predictions
+from lmlab.schema.load import load_config
+from lmlab.tasks.classify import load_classifier, run_classify
 from lmlab.tokenization import CharTokenizer
+from lmlab.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = Precision(torch.device("cpu"), "fp32")

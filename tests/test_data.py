@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.data.pretrain import Layout, PaddedChunks, RandomWindows, build_shards, check_length, eval_batches
-from lmlab.data.corpus import read_documents
-from lmlab.data.pretrain import token_dtype
-from lmlab.errors import DataError
 from lmlab.data.batch import IGNORE_INDEX
+from lmlab.data.corpus import read_documents
+from lmlab.data.pretrain import (
+    Layout,
+    PaddedChunks,
+    RandomWindows,
+    build_shards,
+    check_length,
+    eval_batches,
+    token_dtype,
+)
+from lmlab.errors import DataError
 from lmlab.tokenization.char import CharTokenizer
 
 

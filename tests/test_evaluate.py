@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmlab.errors import ConfigError
 from lmlab.evaluation import evaluate
 from lmlab.model.config import ModelConfig
-from lmlab.errors import ConfigError
 from lmlab.model.transformer import Transformer
 from tests.test_plots import tiny_recipe
 
@@ -115,9 +115,9 @@ def test_long_context_eval_of_two_runs(tmp_path: Path, shared_data: Path) -> Non
 
 
 def test_perplexity_command_on_a_checkpoint_and_a_jsonl_field(tmp_path: Path, capsys) -> None:
-    from lmlab.weights.checkpoint import save_checkpoint
     from lmlab.cli import main
     from lmlab.tokenization.char import CharTokenizer
+    from lmlab.weights.checkpoint import save_checkpoint
 
     text = "the cat sat on the mat. " * 6
     tok = CharTokenizer.from_text(text)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.model.config import ModelConfig
 from lmlab.errors import ConfigError
 from lmlab.generation.generate import GenerationConfig, generate, generate_ids
-from lmlab.model.transformer import Transformer
 from lmlab.generation.sampling import (
     SamplingConfig,
     epsilon_filter,
@@ -18,6 +16,8 @@ from lmlab.generation.sampling import (
     top_p_filter,
     transform_logits,
 )
+from lmlab.model.config import ModelConfig
+from lmlab.model.transformer import Transformer
 from lmlab.tokenization import CharTokenizer
 
 GREEDY = SamplingConfig(temperature=0)

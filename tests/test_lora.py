@@ -12,9 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.adapters.files import export_peft, import_peft, load_adapter, save_adapter, save_lora
-from lmlab.weights.checkpoint import load_checkpoint
-from lmlab.model.config import ModelConfig
-from lmlab.errors import CheckpointError, ConfigError
 from lmlab.adapters.lora import (
     DEFAULT,
     LoRAConfig,
@@ -29,8 +26,11 @@ from lmlab.adapters.lora import (
     set_active_adapter,
     unmerge_lora,
 )
+from lmlab.errors import CheckpointError, ConfigError
+from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.weights.build import build_model, to_interleaved, to_rotate_half
+from lmlab.weights.checkpoint import load_checkpoint
 from lmlab.weights.hf import load_hf
 
 ALL = ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]
@@ -300,7 +300,7 @@ def test_switching_named_adapters(tmp_path):
     unmerge_lora(model)
     # save one by name, reload it onto a fresh base under another name
     save_adapter(model, tmp_path / "qa", name="qa")
-    other = add_adapter(copy.deepcopy(base), "task", tmp_path / "qa")
+    other = load_adapter(copy.deepcopy(base), tmp_path / "qa", name="task")
     torch.testing.assert_close(other(x), out_qa, atol=0, rtol=0)
     with pytest.raises(ConfigError, match="already exists"):
         add_adapter(model, "qa", LoRAConfig())

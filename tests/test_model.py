@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.model.config import PRESETS, ModelConfig, get_preset
 from lmlab.errors import ConfigError
+from lmlab.model.config import PRESETS, ModelConfig, get_preset
 from lmlab.model.kv_cache import KVCache
-from lmlab.model.transformer import Transformer
 from lmlab.model.rope import apply_rotary_emb, rope_angles, rope_inv_freq
+from lmlab.model.transformer import Transformer
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=48)
 VARIANTS = {

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lmlab.model.config import ModelConfig
 from lmlab.errors import ConfigError
+from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.train.optim import AdamW, build_optimizer, param_groups
 from lmlab.train.schedule import Schedule, lr_at

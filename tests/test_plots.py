@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.evaluation import plots
 from lmlab.errors import DataError
+from lmlab.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

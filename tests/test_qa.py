@@ -7,20 +7,28 @@ import pytest
 import torch
 
 from lmlab.adapters.files import export_peft, save_adapter
-from lmlab.weights.checkpoint import save_checkpoint
-from lmlab.model.config import ModelConfig
+from lmlab.adapters.lora import LoRAConfig, add_adapter, set_active_adapter
 from lmlab.data.instruct import Template, split_records
 from lmlab.data.qa import mcq_records, permute_options, read_arc, read_mmlu, saq_records
 from lmlab.errors import ConfigError, DataError
-from lmlab.adapters.lora import LoRAConfig, add_adapter, set_active_adapter
+from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
 from lmlab.tasks.qa import (
-    TASKS, Answer, Router, TaskSpec, answer_with_retry, cloze_predict, letter_logprob_predict, load_router, score,
+    TASKS,
+    Answer,
+    Router,
+    TaskSpec,
+    answer_with_retry,
+    cloze_predict,
+    letter_logprob_predict,
+    load_router,
+    score,
     validate_mcq,
     validate_saq,
 )
 from lmlab.tokenization import load_tokenizer
+from lmlab.weights.checkpoint import save_checkpoint
 
 CHAT = Template("chat")
 

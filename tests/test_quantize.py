@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lmlab.model.config import ModelConfig
 from lmlab.generation.generate import GenerationConfig, generate_ids
-from lmlab.model.transformer import Transformer
-from lmlab.model.quantize import KERNEL_MAX_ROWS, Int8Linear, quantize_int8
 from lmlab.generation.sampling import SamplingConfig
+from lmlab.model.config import ModelConfig
+from lmlab.model.quantize import KERNEL_MAX_ROWS, Int8Linear, quantize_int8
+from lmlab.model.transformer import Transformer
 
 
 def test_int8_linear_matches_dequantized_weight() -> None:

@@ -9,9 +9,9 @@ import sys
 import textwrap
 
 import pytest
+from test_trainer import write_tiny_recipe
 
 from lmlab.tasks.pretrain import run_recipe
-from test_trainer import write_tiny_recipe
 
 KILLER = textwrap.dedent("""
     import os, signal, sys

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmlab.model.config import get_preset
 from lmlab.errors import ConfigError
+from lmlab.model.config import get_preset
 from lmlab.paths import REPO_ROOT
-from lmlab.schema.pretrain import RunConfig
 from lmlab.schema.load import field_docs, load_config, parse_scalar, save_config
+from lmlab.schema.pretrain import RunConfig
 
 # run recipes only: sweep files (a top-level `recipe:` key) are validated by the sweep tests
 RECIPES = [p for p in sorted((REPO_ROOT / "recipes" / "pretrain").glob("*.yaml"))

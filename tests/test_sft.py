@@ -8,20 +8,27 @@ import json
 import pytest
 import torch
 
-from lmlab.weights.checkpoint import save_checkpoint
-from lmlab.model.config import ModelConfig
+from lmlab.data.batch import IGNORE_INDEX
 from lmlab.data.instruct import (
-    Example, InstructBatches, Template, collate, encode_examples, pack, read_alpaca, split_records,
+    Example,
+    InstructBatches,
+    Template,
+    collate,
+    encode_examples,
+    pack,
+    read_alpaca,
+    split_records,
 )
 from lmlab.errors import ConfigError, DataError
-from lmlab.data.batch import IGNORE_INDEX
-from lmlab.train.losses import lm_loss
+from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
 from lmlab.schema.load import load_config
 from lmlab.schema.sft import SFTConfig
 from lmlab.tasks.sft import perplexities, run_sft
 from lmlab.tokenization import load_tokenizer
+from lmlab.train.losses import lm_loss
+from lmlab.weights.checkpoint import save_checkpoint
 
 
 @pytest.fixture(autouse=True)

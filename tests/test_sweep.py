@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.evaluation import sweep
 from lmlab.cli import main
 from lmlab.errors import ConfigError
+from lmlab.evaluation import sweep
 from tests.test_plots import tiny_recipe
 
 

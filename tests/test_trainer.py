@@ -8,17 +8,17 @@ import math
 import pytest
 import torch
 
-from lmlab.model.config import ModelConfig
 from lmlab.data.batch import IGNORE_INDEX
-from lmlab.train.losses import lm_loss
+from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.train.optim import build_optimizer
 from lmlab.precision import Precision, resolve_device
 from lmlab.tasks.pretrain import run_recipe
+from lmlab.train.logger import MetricsLogger
+from lmlab.train.loop import FitConfig, TrainingDiverged, fit
+from lmlab.train.losses import lm_loss
+from lmlab.train.optim import build_optimizer
 from lmlab.train.schedule import Schedule
 from lmlab.train.state import Checkpointer
-from lmlab.train.loop import FitConfig, TrainingDiverged, fit
-from lmlab.train.logger import MetricsLogger
 
 CPU = Precision(resolve_device("cpu"), "fp32")
 

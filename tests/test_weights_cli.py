@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.model.config import ModelConfig
 from lmlab.weights.loading import load_model
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.model.config import get_preset
 from lmlab.errors import CheckpointError
-from lmlab.weights.loading import load_model
+from lmlab.model.config import get_preset
 from lmlab.paths import smollm2_gguf
 from lmlab.weights.gguf import load_gguf
+from lmlab.weights.loading import load_model
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a little robot"]
 

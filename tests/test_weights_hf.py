@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from lmlab.model.config import ModelConfig, get_preset
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.weights.loading import load_model
+from lmlab.model.config import ModelConfig, get_preset
 from lmlab.model.transformer import Transformer
 from lmlab.weights.build import to_interleaved, to_rotate_half
 from lmlab.weights.hf import hf_family, save_hf
+from lmlab.weights.loading import load_model
 
 transformers = pytest.importorskip("transformers")
 V, T = 97, 12

@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.model.config import ModelConfig, get_preset
 from lmlab.errors import CheckpointError
-from lmlab.weights.loading import load_model
+from lmlab.model.config import ModelConfig, get_preset
 from lmlab.model.transformer import Transformer
 from lmlab.tokenization import load_tokenizer
-
+from lmlab.weights.loading import load_model
 
 # ---- the real stories260K
 

@@ -26,20 +26,20 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmlab.weights.checkpoint import save_checkpoint
-from lmlab.model.transformer import unwrap
-from lmlab.errors import CheckpointError, ConfigError
-from lmlab.fileio import atomic_replace_dir
 from lmlab.adapters.lora import (
     DEFAULT,
     LoRAConfig,
-    add_adapter,
     adapter_config,
+    add_adapter,
     lora_modules,
     lora_state_dict,
     merge_and_unload,
 )
+from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import atomic_replace_dir
+from lmlab.model.transformer import unwrap
 from lmlab.weights.build import to_interleaved, to_rotate_half
+from lmlab.weights.checkpoint import save_checkpoint
 from lmlab.weights.hf import LLAMA_LAYER, LLAMA_TOP, hf_family  # the one lmlab <-> HF name table
 
 WEIGHTS = "adapter.safetensors"

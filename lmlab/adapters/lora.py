@@ -20,15 +20,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.model.transformer import unwrap
 from lmlab.errors import ConfigError
+from lmlab.model.transformer import unwrap
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -207,17 +206,13 @@ def _find(model: nn.Module, names: list[str], kind: type | tuple[type, ...], key
     return found
 
 
-def add_adapter(model: nn.Module, name: str, cfg_or_path: LoRAConfig | str | Path) -> nn.Module:
-    """Add adapter `name` (fresh from a config, or saved lmlab/peft files from a folder) and activate it.
+def add_adapter(model: nn.Module, name: str, cfg: LoRAConfig) -> nn.Module:
+    """Add a fresh adapter `name` and activate it (saved adapters: `lmlab.adapters.files.load_adapter`).
 
     Matching nn.Linear children are replaced in place by LoRALinear; everything but the active
     adapter and its `trainable` modules is frozen. Returns the same model.
     """
-    if not isinstance(cfg_or_path, LoRAConfig):
-        from lmlab.adapters.files import load_adapter
-
-        return load_adapter(model, cfg_or_path, name=name)
-    cfg, raw = cfg_or_path, unwrap(model)
+    raw = unwrap(model)
     if not _NAME.match(name) or hasattr(nn.ModuleDict(), name):
         raise ConfigError(f"adapter name {name!r}: expected letters, digits, '_' or '-' (and not a dict method)")
     state = getattr(raw, "lora_state", None) or LoRAState()

@@ -29,8 +29,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_keys:
-        from lmlab.schema.load import field_docs
         from lmlab.schema.classify import ClassifyConfig
+        from lmlab.schema.load import field_docs
 
         for key, doc in field_docs(ClassifyConfig).items():
             print(f"{key:32s} {doc}")

@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmlab.evaluation import evaluate
     from lmlab.errors import DataError
+    from lmlab.evaluation import evaluate
 
     folder = Path(args.folder)
     if args.long_context:

@@ -63,9 +63,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     from lmlab.generation.generate import GenerationConfig, generate
-    from lmlab.weights.loading import load_model
-    from lmlab.precision import inference_dtype
     from lmlab.generation.sampling import SamplingConfig
+    from lmlab.precision import inference_dtype
+    from lmlab.weights.loading import load_model
 
     prompts = _read_prompts(args)
     t0 = time.perf_counter()

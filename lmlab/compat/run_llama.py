@@ -22,7 +22,15 @@ import shutil
 import sys
 from pathlib import Path
 
+from lmlab.commands.classify import parse_seeds
 from lmlab.errors import LmlabError
+from lmlab.fileio import atomic_write_text
+from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
+from lmlab.generation.sampling import SamplingConfig
+from lmlab.paths import data_dir
+from lmlab.schema.classify import ClassifyConfig
+from lmlab.tasks.classify import run_classify
+from lmlab.weights.loading import load_model
 
 GENERATE_PREFIX = ("Victor Frankenstein, a young scientist obsessed with uncovering the secrets of life, "
                    "succeeds in animating a creature assembled from")
@@ -65,7 +73,6 @@ def resolve_data_path(path: str) -> str:
     """A `data/<file>` path as in the seed's commands, found in the shared data folder if not here."""
     if Path(path).exists() or not path:
         return path
-    from lmlab.paths import data_dir
 
     name = Path(path).name
     for sub in ("sst5", "cfimdb"):
@@ -77,7 +84,6 @@ def resolve_data_path(path: str) -> str:
 
 def build_config(args: argparse.Namespace):
     """The ClassifyConfig that the seed's flags describe."""
-    from lmlab.schema.classify import ClassifyConfig
 
     cfg = ClassifyConfig()
     method = METHODS[args.option]
@@ -107,10 +113,6 @@ def build_config(args: argparse.Namespace):
 
 def generate_sentences(args: argparse.Namespace) -> None:
     """Two continuations of the seed's prefix, at temperature 0 and 1, one file each."""
-    from lmlab.fileio import atomic_write_text
-    from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
-    from lmlab.weights.loading import load_model
-    from lmlab.generation.sampling import SamplingConfig
 
     loaded = load_model(args.pretrained_model_path, device="cuda" if args.use_gpu else "cpu")
     tok = loaded.tokenizer
@@ -132,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.option == "generate":
             generate_sentences(args)
             return 0
-        from lmlab.commands.classify import parse_seeds
-        from lmlab.tasks.classify import run_classify
 
         cfg = build_config(args)
         seeds = parse_seeds(args.seeds) or None

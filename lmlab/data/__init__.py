@@ -1,20 +1,6 @@
-"""Data pipelines: raw corpora (corpus.py) and pretraining token shards and batches (pretrain.py).
+"""Data pipelines, one module per kind of data: raw corpora (corpus.py), pretraining token shards and
+batches (pretrain.py), labelled sentences (classification.py), instruction records (instruct.py, qa.py,
+tasks.py), and what a batch is (batch.py).
 
 A training batch source is any callable `(step, micro) -> batch dict`; the loop never asks for more.
 """
-
-from lmlab.data.corpus import read_documents
-from lmlab.data.pretrain import (
-    Layout,
-    PaddedChunks,
-    RandomWindows,
-    TokenSplit,
-    build_shards,
-    check_length,
-    eval_batches,
-)
-
-__all__ = [
-    "Layout", "PaddedChunks", "RandomWindows", "TokenSplit", "build_shards", "check_length", "eval_batches",
-    "read_documents",
-]

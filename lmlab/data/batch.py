@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 IGNORE_INDEX = -100
 """A label the losses skip: padding, prompt tokens, examples that count for nothing."""
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmlab.errors import ConfigError, DataError
 from lmlab.data.batch import IGNORE_INDEX, Batch
+from lmlab.errors import ConfigError, DataError
 
 Record = dict[str, Any]  # instruction, input, output (str) + optional extra fields
 

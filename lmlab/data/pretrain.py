@@ -26,9 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmlab.data.batch import IGNORE_INDEX, Batch
+from lmlab.data.corpus import read_documents
 from lmlab.errors import DataError
 from lmlab.fileio import atomic_replace_dir
-from lmlab.data.batch import IGNORE_INDEX, Batch
+from lmlab.tokenization import load_tokenizer
+from lmlab.tokenization.char import CharTokenizer
 
 SHARD_VERSION = 1
 
@@ -216,10 +219,8 @@ def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str
 def build_tokenizer(spec: str, docs: list[str]) -> tuple[Any, str]:
     """(tokenizer, identity for the token cache): `char` is built from the corpus, else a path."""
     if spec == "char":
-        from lmlab.tokenization.char import CharTokenizer
 
         return CharTokenizer.from_text("".join(docs)), "char"
-    from lmlab.tokenization import load_tokenizer
 
     path = Path(spec)
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
@@ -233,8 +234,6 @@ def build_tokenizer(spec: str, docs: list[str]) -> tuple[Any, str]:
 def prepare_data(d: Any) -> tuple[Any, Any, Any]:
     """(tokenizer, train split, validation split) of a recipe's data section: documents -> tokenizer ->
     token shards (cached by content hash, so a second call is a lookup)."""
-    from lmlab.data.pretrain import build_shards
-    from lmlab.data.corpus import read_documents
 
     docs, digest = read_documents(d.path, field=d.field, column=d.column, separator=d.doc_separator, hf_split=d.hf_split)
     val_docs, val_digest = read_documents(d.val_path, field=d.field, column=d.column, separator=d.doc_separator,

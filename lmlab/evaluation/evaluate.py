@@ -30,9 +30,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.errors import ConfigError, DataError
-from lmlab.fileio import atomic_write_text
 from lmlab.data.batch import IGNORE_INDEX
+from lmlab.data.corpus import read_documents
+from lmlab.data.pretrain import eval_batches, prepare_data
+from lmlab.errors import ConfigError, DataError
+from lmlab.evaluation.plots import plot_lines, plot_loss_by_position
+from lmlab.evaluation.sweep import markdown_table
+from lmlab.fileio import atomic_write_text
+from lmlab.generation.generate import GenerationConfig, generate_ids
+from lmlab.generation.sampling import SamplingConfig
+from lmlab.model.kv_cache import KVCache
+from lmlab.precision import DTYPES, Precision, resolve_device
+from lmlab.schema.load import load_config
+from lmlab.train.loop import evaluate
+from lmlab.train.losses import lm_loss
+from lmlab.weights.checkpoint import load_checkpoint
+from lmlab.weights.loading import load_model
 
 
 def logits_of(model: Any, tokens: torch.Tensor) -> torch.Tensor:
@@ -133,7 +146,6 @@ def _bar(total: int, enabled: bool) -> Any:
 
 def read_eval_text(path: str | Path, field: str = "text", column: str = "text") -> str:
     """A plain text file as is; JSONL/JSON records (`field`) or CSV rows (`column`) joined by blank lines."""
-    from lmlab.data.corpus import read_documents
 
     docs, _ = read_documents(str(path), field=field, column=column, separator="record")
     return "\n\n".join(docs)
@@ -147,8 +159,6 @@ def model_perplexity(
 
     context 0 = the model's trained context, capped at 1024 (CPU time grows with it); stride 0 = context/2.
     """
-    from lmlab.weights.loading import load_model
-    from lmlab.precision import DTYPES
 
     loaded = load_model(spec, device=device)
     model, tok = loaded.model, loaded.tokenizer
@@ -196,7 +206,6 @@ def _attention_window(model: Any, window: int | None):
 def _streaming_nll(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B, T) NLL when tokens go through the KV cache as in generation: one prefill of what fits, then
     one token at a time. With sinks the cache evicts the oldest non-sink keys (StreamingLLM)."""
-    from lmlab.model.kv_cache import KVCache
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     cache = KVCache(model.config, x.shape[0], x.shape[1], device=x.device, dtype=dtype)
@@ -258,8 +267,6 @@ def split_ppl(curve: torch.Tensor, context: int) -> dict[str, float]:
 def run_validation_tokens(run_dir: Path) -> tuple[Any, Any, Any]:
     """(config, tokenizer, validation TokenSplit) of a run, rebuilt from its config.yaml the way
     `lmlab run` builds them (the token cache makes this a lookup, not a re-tokenization)."""
-    from lmlab.data.pretrain import prepare_data
-    from lmlab.schema.load import load_config
 
     cfg = load_config(run_dir / "config.yaml")
     tokenizer, _, val = prepare_data(cfg.data)
@@ -285,12 +292,6 @@ def _checkpoint_step(folder: Path) -> int | None:
 
 def evaluate_run(run_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_batches: int = 0) -> tuple[Path, Path]:
     """Validation loss and perplexity of every checkpoint of a run -> eval/checkpoints.csv and .png."""
-    from lmlab.weights.checkpoint import load_checkpoint
-    from lmlab.data.pretrain import eval_batches
-    from lmlab.train.losses import lm_loss
-    from lmlab.evaluation.plots import plot_lines
-    from lmlab.precision import Precision, resolve_device
-    from lmlab.train.loop import evaluate
 
     run_dir = Path(run_dir)
     folders = checkpoint_dirs(run_dir)
@@ -350,7 +351,6 @@ def long_context_eval(
 ) -> list[Path]:
     """Score `factor` x the trained context for each run (dense and window attention without sinks,
     streaming cache with sinks), plot loss by position, and generate that far from `prompt`."""
-    from lmlab.evaluation.plots import plot_loss_by_position
 
     out_dir = Path(out_dir)
     curves, rows, samples, context = {}, [], [], 0
@@ -369,7 +369,6 @@ def long_context_eval(
     table = [asdict(r) for r in rows]
     paths.append(out_dir / "long_context.csv")
     atomic_write_text(paths[-1], _csv(table))
-    from lmlab.evaluation.sweep import markdown_table
 
     paths.append(out_dir / "long_context.md")
     atomic_write_text(paths[-1], markdown_table(table, list(table[0])) + "\n")
@@ -379,7 +378,6 @@ def long_context_eval(
 
 
 def _load_run_model(run_dir: Path, device: str) -> tuple[Any, Any, int, Any]:
-    from lmlab.weights.checkpoint import load_checkpoint
 
     folders = checkpoint_dirs(run_dir)
     if not folders:
@@ -392,8 +390,6 @@ def _load_run_model(run_dir: Path, device: str) -> tuple[Any, Any, int, Any]:
 
 def _long_sample(model: Any, tok: Any, name: str, prompt: str, length: int, context: int, seed: int) -> str:
     """Sample `length` tokens; mark where the trained context ends; distinct-2 before and after it."""
-    from lmlab.generation.generate import GenerationConfig, generate_ids
-    from lmlab.generation.sampling import SamplingConfig
 
     ids = tok.encode(prompt, bos=bool(tok.add_bos and tok.bos_id is not None)) or [tok.bos_id or 0]
     gen = GenerationConfig(max_new_tokens=length - len(ids), seed=seed,

@@ -14,12 +14,14 @@ them gets right decide it), which is far more sensitive than two separate confid
 from __future__ import annotations
 
 import math
-import statistics
 import re
+import statistics
 import string
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
+
+from lmlab.errors import LmlabError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -73,7 +75,6 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
     try:
         from rouge_score import rouge_scorer
     except ImportError:
-        from lmlab.errors import LmlabError
 
         raise LmlabError("ROUGE needs the rouge-score package: pip install 'lmlab[eval]'") from None
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.evaluation import plots
+from lmlab.evaluation.sweep import format_value, markdown_table
 from lmlab.fileio import atomic_write_text
 
 REPORT = "report.md"
@@ -78,7 +80,6 @@ def run_report(run_dir: Path, report_dir: Path) -> str:
 
 def _run_plots(run_dir: Path) -> list[Path]:
     """Curves drawn now from metrics.jsonl, plus every PNG the run (or `lmlab evaluate`) left behind."""
-    from lmlab.evaluation import plots
 
     drawn: list[Path] = []
     if (run_dir / "metrics.jsonl").is_file() and plots.read_metrics(run_dir):
@@ -128,7 +129,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _kv_table(data: dict[str, Any]) -> str:
-    from lmlab.evaluation.sweep import format_value
 
     lines = ["| key | value |", "|---|---|"]
     for key, value in data.items():
@@ -140,7 +140,6 @@ def _kv_table(data: dict[str, Any]) -> str:
 def _csv_as_markdown(path: Path) -> str:
     import csv
 
-    from lmlab.evaluation.sweep import markdown_table
 
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))

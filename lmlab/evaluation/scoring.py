@@ -5,18 +5,15 @@ length-sorted and right-padded, so hundreds of prompts pad little; results come 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmlab.data.batch import right_pad
 from lmlab.errors import ConfigError
 from lmlab.generation.generate import length_batches
-from lmlab.data.batch import right_pad
-
 
 
 @torch.no_grad()

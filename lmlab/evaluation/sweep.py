@@ -38,8 +38,10 @@ from typing import Any
 import yaml
 
 from lmlab.errors import ConfigError, LmlabError
+from lmlab.evaluation import plots
 from lmlab.fileio import atomic_write_text
-from lmlab.schema.load import load_config, save_config
+from lmlab.schema.load import load_config, parse_scalar, save_config
+from lmlab.tasks.pretrain import run_recipe
 
 SUMMARY = "summary.json"
 
@@ -210,7 +212,6 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
 
 def inprocess_runner(recipe: Path, spec: RunSpec) -> None:
     """`lmlab.run.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
-    from lmlab.tasks.pretrain import run_recipe
 
     run_recipe(recipe, _run_overrides(spec))
 
@@ -368,7 +369,6 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_plots(specs: list[RunSpec], sweep_dir: Path) -> list[Path]:
     """Per-run loss/perplexity curves and overlays by step and by tokens, under <sweep>/plots/."""
-    from lmlab.evaluation import plots
 
     runs = {s.name: plots.read_metrics(s.run_dir) for s in specs if (s.run_dir / "metrics.jsonl").is_file()}
     runs = {k: v for k, v in runs.items() if v}
@@ -389,7 +389,6 @@ def sweep_from_recipe(
     recipe: str | Path, grid: list[str], seeds: list[int], out_dir: str = "", overrides: list[str] = (),
 ) -> SweepConfig:
     """A sweep over `--grid key=v1,v2` flags of a plain recipe (values parsed as YAML scalars)."""
-    from lmlab.schema.load import parse_scalar
 
     table: dict[str, list[Any]] = {}
     for item in grid:

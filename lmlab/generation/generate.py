@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmlab.generation.sampling import SamplingConfig, sample_next
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.transformer import Transformer
-from lmlab.generation.sampling import SamplingConfig, sample_next
+from lmlab.tokenization import StreamDecoder
 
 
 @dataclass
@@ -178,7 +179,6 @@ def generate(
     all to the longest nor holds one huge cache; outputs come back in the prompts' order. Greedy outputs
     do not depend on it; sampled ones do (each batch draws from the same seed).
     """
-    from lmlab.tokenization import StreamDecoder
 
     ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
     batches = length_batches([len(x) for x in ids], batch_size)

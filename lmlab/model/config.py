@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import ConfigError
+from lmlab.fileio import atomic_write_text
 
 _CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
@@ -149,7 +150,6 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        from lmlab.fileio import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 

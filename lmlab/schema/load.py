@@ -16,16 +16,17 @@ import os
 import re
 import types
 import typing
-
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
 from lmlab.errors import ConfigError
+from lmlab.fileio import atomic_write_text
+from lmlab.model.config import ModelConfig
+from lmlab.paths import data_dir
 from lmlab.schema.pretrain import RunConfig
 from lmlab.schema.sections import ModelSection
-
 
 # ----------------------------------------------------------------------------------------------------
 # loading
@@ -98,7 +99,6 @@ def _interpolate(node: Any, source: str) -> Any:
 
 def _lookup_var(name: str, source: str) -> str:
     if name == "data_dir" or (name == "LMLAB_DATA" and name not in os.environ):
-        from lmlab.paths import data_dir
 
         return str(data_dir())
     if name not in os.environ:
@@ -127,7 +127,6 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", pref
 
 def _split_model_overrides(data: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
     """`model: {init: ..., n_layers: 1}`: keys that are ModelConfig fields become overrides."""
-    from lmlab.model.config import ModelConfig
 
     own = {f.name for f in dataclasses.fields(ModelSection)}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -211,7 +210,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), so the run folder says exactly what ran."""
-    from lmlab.fileio import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

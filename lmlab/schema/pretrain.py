@@ -5,8 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmlab.schema.sections import (
-    CheckpointSection, DataSection, DistributedSection, LoggingSection, ModelSection, OptimSection, PrecisionSection,
-    SampleSection, ScheduleSection, TrainSection,
+    CheckpointSection,
+    DataSection,
+    DistributedSection,
+    LoggingSection,
+    ModelSection,
+    OptimSection,
+    PrecisionSection,
+    SampleSection,
+    ScheduleSection,
+    TrainSection,
 )
 
 

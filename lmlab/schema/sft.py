@@ -9,9 +9,14 @@ from lmlab.adapters.lora import LoRAConfig
 from lmlab.data.instruct import ALPACA_MARKER
 from lmlab.schema.classify import ModelSection
 from lmlab.schema.sections import (
-    CheckpointSection, LoggingSection, OptimImpl, OptimSection, PrecisionSection, ScheduleSection, TrainSection,
+    CheckpointSection,
+    LoggingSection,
+    OptimImpl,
+    OptimSection,
+    PrecisionSection,
+    ScheduleSection,
+    TrainSection,
 )
-
 
 NOVEL_INSTRUCTIONS = [  # seed 000's out-of-distribution checks
     "Write a haiku about autumn leaves.",

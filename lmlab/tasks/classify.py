@@ -22,17 +22,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmlab.data.classification import LabeledTexts, read_label_names, read_split
-from lmlab.errors import ConfigError
-from lmlab.fileio import atomic_write_text
-from lmlab.model.heads import SequenceClassifier
-from lmlab.train.losses import classification_loss
-from lmlab.data.classification import encode_all, EpochBatches, prompt_format, PromptFormat
+from lmlab.adapters.files import load_adapter, save_lora
+from lmlab.adapters.lora import LoRAConfig, apply_lora
 from lmlab.data.batch import pad_id_of
-from lmlab.evaluation.scoring import predict_logits, zero_shot_scores
-from lmlab.schema.classify import ClassifyConfig
+from lmlab.data.classification import (
+    SST2_NAMES,
+    EpochBatches,
+    LabeledTexts,
+    PromptFormat,
+    encode_all,
+    prompt_format,
+    read_label_names,
+    read_split,
+    write_predictions,
+)
+from lmlab.errors import ConfigError
 from lmlab.evaluation.metrics import classification_metrics, mean_std
-from lmlab.data.classification import write_predictions
+from lmlab.evaluation.plots import plot_confusion_matrix
+from lmlab.evaluation.scoring import predict_logits, zero_shot_scores
+from lmlab.fileio import atomic_write, atomic_write_text
+from lmlab.model.heads import SequenceClassifier
+from lmlab.precision import Precision, peak_memory_mb, resolve_device
+from lmlab.schema.classify import ClassifyConfig
+from lmlab.schema.load import load_config, save_config
+from lmlab.train.distributed import seed_everything
+from lmlab.train.logger import MetricsLogger
+from lmlab.train.loop import FitConfig, fit
+from lmlab.train.losses import classification_loss
+from lmlab.train.optim import make_adamw, param_groups
+from lmlab.train.schedule import Schedule
+from lmlab.train.state import Progress
+from lmlab.weights.checkpoint import save_checkpoint
+from lmlab.weights.loading import load_model
 
 SPLITS = ("dev", "test")
 CLASSIFIER_META = "classifier.json"
@@ -86,10 +107,6 @@ def input_format(cfg: ClassifyConfig, tokenizer, names: list[str]) -> PromptForm
 
 def run_one(cfg: ClassifyConfig, out: Path) -> dict[str, Any]:
     """One seed: train (unless zero-shot), predict dev/test, write the run folder; returns metrics."""
-    from lmlab.weights.loading import load_model
-    from lmlab.precision import Precision, peak_memory_mb, resolve_device
-    from lmlab.train.distributed import seed_everything
-    from lmlab.schema.load import save_config
 
     t0 = time.perf_counter()
     precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
@@ -134,7 +151,6 @@ def build_classifier(cfg: ClassifyConfig, backbone: nn.Module, n_labels: int) ->
     """Backbone + head; for LoRA, adapters on the target layers with the head trainable beside them."""
     model = SequenceClassifier(backbone, n_labels, cfg.classify.dropout, cfg.classify.pooling)
     if cfg.classify.method == "lora":
-        from lmlab.adapters.lora import LoRAConfig, apply_lora
 
         lc = cfg.lora
         apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
@@ -145,7 +161,6 @@ def build_classifier(cfg: ClassifyConfig, backbone: nn.Module, n_labels: int) ->
 def build_optimizer(cfg: ClassifyConfig, model: SequenceClassifier) -> torch.optim.Optimizer:
     """AdamW with the backbone's trainable weights first (the schedule's base) and the head at
     lr * head_lr_mult. Norms, biases and embeddings never decay (lmlab.optim.param_groups)."""
-    from lmlab.train.optim import make_adamw, param_groups
 
     o = cfg.optim
     groups = param_groups(model.backbone, o.weight_decay, o.decay_embeddings) + [
@@ -156,10 +171,6 @@ def build_optimizer(cfg: ClassifyConfig, model: SequenceClassifier) -> torch.opt
 def train_classifier(cfg: ClassifyConfig, model: SequenceClassifier, encoded: dict, splits: Splits, tokenizer,
                      precision, predict, out: Path) -> dict[str, Any]:
     """Epoch by epoch through the shared loop; after each, dev accuracy (and the best state kept)."""
-    from lmlab.train.schedule import Schedule
-    from lmlab.train.state import Progress
-    from lmlab.train.loop import FitConfig, fit
-    from lmlab.train.logger import MetricsLogger
 
     t = cfg.train
     batches = EpochBatches(encoded["train"], splits.data["train"].labels, t.batch_size, t.grad_accum, t.seed,
@@ -223,7 +234,6 @@ def _zero_shot_predictor(cfg: ClassifyConfig, model: nn.Module, tokenizer, preci
 def zero_shot_verbalizers(cfg: ClassifyConfig, tokenizer) -> list[list[int]]:
     names = read_label_names(cfg.data.label_names)
     if cfg.data.sst2:
-        from lmlab.data.classification import SST2_NAMES
 
         names = SST2_NAMES
     words = cfg.classify.verbalizers or [n if cfg.classify.chat else " " + n for n in names]
@@ -240,7 +250,6 @@ def _evaluate_split(cfg: ClassifyConfig, name: str, splits: Splits, preds: list[
         return {"n": len(preds), "labels_hidden": True}
     metrics = classification_metrics(data.labels, preds, splits.label_names)
     try:
-        from lmlab.evaluation.plots import plot_confusion_matrix
 
         plot_confusion_matrix(metrics["confusion"], splits.label_names, out / f"confusion_{name}.png",
                               title=f"{name}: accuracy {metrics['accuracy']:.3f}")
@@ -264,18 +273,15 @@ def save_classifier(cfg: ClassifyConfig, model: SequenceClassifier, tokenizer, l
     checkpoint of the backbone) + head.safetensors. classifier.json says how to rebuild either."""
     from safetensors.torch import save_file
 
-    from lmlab.fileio import atomic_write
 
     meta = {"method": cfg.classify.method, "model": cfg.model.spec, "tokenizer": cfg.model.tokenizer,
             "label_names": label_names, "pooling": cfg.classify.pooling, "dropout": cfg.classify.dropout,
             "template": cfg.classify.template, "chat": cfg.classify.chat, "system": cfg.classify.system,
             "max_len": cfg.data.max_len, "truncation": cfg.data.truncation}
     if cfg.classify.method == "lora":
-        from lmlab.adapters.files import save_lora
 
         save_lora(model, out / "adapter")
     else:
-        from lmlab.weights.checkpoint import save_checkpoint
 
         save_checkpoint(model.backbone, out / "model", tokenizer=tokenizer)
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
@@ -287,8 +293,6 @@ def load_classifier(run_dir: str | Path, device: str = "cpu") -> tuple[SequenceC
     """Rebuild a saved classifier: (model in eval mode, tokenizer, input format, classifier.json)."""
     from safetensors.torch import load_file
 
-    from lmlab.weights.loading import load_model
-    from lmlab.data.classification import prompt_format
 
     run_dir = Path(run_dir)
     try:
@@ -299,7 +303,6 @@ def load_classifier(run_dir: str | Path, device: str = "cpu") -> tuple[SequenceC
     loaded = load_model(spec, device=device, dtype=torch.float32, tokenizer=meta["tokenizer"] or None)
     model = SequenceClassifier(loaded.model, len(meta["label_names"]), meta["dropout"], meta["pooling"])
     if meta["method"] == "lora":
-        from lmlab.adapters.files import load_adapter
 
         load_adapter(model, run_dir / "adapter")
     else:
@@ -353,7 +356,6 @@ def results_markdown(summary: dict[str, Any]) -> str:
 
 
 def run_recipe(path: str | Path | None, overrides: list[str] = (), seeds: list[int] | None = None) -> dict[str, Any]:
-    from lmlab.schema.load import load_config
 
     return run_classify(load_config(path, list(overrides), schema=ClassifyConfig), seeds)
 

@@ -10,41 +10,45 @@ writes files. Later recipe kinds (fine-tuning, DPO) reuse `setup_distributed`, `
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from lmlab.data.pretrain import Layout, PaddedChunks, RandomWindows, check_length, eval_batches, prepare_data
 from lmlab.errors import ConfigError
-from lmlab.train.losses import lm_loss
-from lmlab.schema.sections import ModelSection
-from lmlab.schema.pretrain import RunConfig
+from lmlab.fileio import atomic_write_text
+from lmlab.generation.generate import GenerationConfig, generate_ids
+from lmlab.generation.sampling import SamplingConfig
+from lmlab.model.config import get_preset
+from lmlab.model.transformer import Transformer
+from lmlab.precision import Precision, peak_flops, resolve_device
 from lmlab.schema.load import check_resume_config, load_config, save_config
-from lmlab.train.loop import FitConfig, FitResult, fit
-from lmlab.train.logger import MetricsLogger
+from lmlab.schema.pretrain import RunConfig
+from lmlab.schema.sections import ModelSection
 from lmlab.train.distributed import seed_everything, setup_distributed, wrap_model
-from lmlab.data.pretrain import prepare_data
+from lmlab.train.logger import MetricsLogger
+from lmlab.train.loop import FitConfig, FitResult, fit
+from lmlab.train.losses import lm_loss
+from lmlab.train.optim import build_optimizer
+from lmlab.train.schedule import Schedule
+from lmlab.train.state import Checkpointer, load_train_state
+from lmlab.weights.build import load_state_into
+from lmlab.weights.checkpoint import load_checkpoint, model_state
 
 
 def build_model(section: ModelSection, vocab_size: int | None = None) -> nn.Module:
     """A fresh preset (vocab from the tokenizer unless overridden) or a checkpoint, with overrides."""
-    from lmlab.model.config import get_preset
-    from lmlab.model.transformer import Transformer
 
     overrides = dict(section.overrides)
     if section.init.startswith("preset:"):
         if vocab_size and section.vocab_from_tokenizer and "vocab_size" not in overrides:
             overrides["vocab_size"] = vocab_size
         return Transformer(get_preset(section.init.removeprefix("preset:"), **overrides))
-    from lmlab.weights.checkpoint import load_checkpoint, load_state_into, model_state
 
     model = load_checkpoint(section.init)
     if overrides:
@@ -75,11 +79,6 @@ def run_recipe(path: str | Path | None, overrides: list[str] = ()) -> Path:
 
 
 def run_config(cfg: RunConfig) -> Path:
-    from lmlab.data.pretrain import Layout, PaddedChunks, RandomWindows, check_length, eval_batches
-    from lmlab.train.optim import build_optimizer
-    from lmlab.precision import Precision, peak_flops, resolve_device
-    from lmlab.train.schedule import Schedule
-    from lmlab.train.state import Checkpointer, load_train_state
 
     t0 = time.perf_counter()
     dist, device_name = setup_distributed(cfg.precision.device, cfg.distributed.backend)
@@ -165,7 +164,6 @@ def _max_steps(cfg: RunConfig, train_data: Any, layout: Any, n_tokens: int, seq_
 
 def finish(cfg: RunConfig, out: Path, model: nn.Module, tokenizer: Any, result: FitResult, wall_s: float) -> None:
     """summary.json (+ samples.txt), and one printed line with the result and the time it took."""
-    from lmlab.fileio import atomic_write_text
 
     p = result.progress
     summary = dict(
@@ -187,8 +185,6 @@ def finish(cfg: RunConfig, out: Path, model: nn.Module, tokenizer: Any, result: 
 
 def sample_text(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> str:
     """Continue each prompt of `cfg.sample` (seeded); returns the text written to samples.txt."""
-    from lmlab.generation.generate import GenerationConfig, generate_ids
-    from lmlab.generation.sampling import SamplingConfig
 
     s = cfg.sample
     gen = GenerationConfig(

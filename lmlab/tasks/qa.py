@@ -21,9 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmlab.adapters.files import load_adapter
+from lmlab.adapters.lora import set_active_adapter
+from lmlab.data.batch import pad_id_of
 from lmlab.data.instruct import Record, Template
 from lmlab.data.qa import LETTERS
 from lmlab.errors import ConfigError
+from lmlab.evaluation.metrics import exact_match, token_f1
+from lmlab.evaluation.scoring import token_logprobs
+from lmlab.generation.generate import GenerationConfig, encode_prompt, generate, left_pad, length_batches
+from lmlab.generation.sampling import SamplingConfig
+from lmlab.precision import Precision
+from lmlab.weights.loading import load_model
 
 Validator = Callable[[str, Record], "str | None"]  # raw output -> cleaned answer, or None if invalid
 _LETTER = re.compile(r"^\(?([A-J])[\.\):]?$")
@@ -87,8 +96,6 @@ def answer_with_retry(model: nn.Module, tokenizer: Any, records: Sequence[Record
     `retry_temperature`, top-p, a new seed per attempt) until valid or `max_retries` retries are spent.
     The temperature stays put: raising it per attempt (1.4 on the second retry) turned a 135M model's
     answers into word salad that still passed the SAQ validator."""
-    from lmlab.generation.generate import GenerationConfig, generate
-    from lmlab.generation.sampling import SamplingConfig
 
     prompts = [template.prompt(r, tokenizer) for r in records]
     results = [Answer("", False, 0) for _ in records]
@@ -136,7 +143,6 @@ class Router:
 
     def answer(self, records: Sequence[Record], seed: int = 0) -> list[tuple[str, Answer]]:
         """(task, answer) per request, in order; requests are grouped per adapter."""
-        from lmlab.adapters.lora import set_active_adapter
 
         routed = [self.route(r) for r in records]
         out: list[tuple[str, Answer] | None] = [None] * len(records)
@@ -154,8 +160,6 @@ class Router:
 def load_router(base: str, adapters: dict[str, str | Path], template: Template | None = None,
                 device: str = "cpu", max_retries: int = 2) -> Router:
     """Load `base` once and add each saved adapter (lmlab or peft folder) under its task name."""
-    from lmlab.adapters.files import load_adapter
-    from lmlab.weights.loading import load_model
 
     loaded = load_model(base, device=device)
     for task, folder in adapters.items():
@@ -174,7 +178,6 @@ def letter_logprob_predict(model: nn.Module, tokenizer: Any, records: Sequence[R
                            batch_size: int = 16) -> list[str]:
     """Zero-shot MCQ: the option letter whose token is most likely right after the prompt.
     Prompts run in length-sorted batches (little padding); predictions come back in record order."""
-    from lmlab.generation.generate import encode_prompt, left_pad, length_batches
 
     model.eval()  # as generate does: dropout (a LoRA adapter's too) off while scoring
     letter_ids = [tokenizer.encode(ch)[0] for ch in LETTERS]
@@ -199,9 +202,6 @@ def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record], b
     letter formats. Returns the letters picked by total log-probability and by log-probability per
     character (lm-evaluation-harness's acc and acc_norm). Only the option positions are projected to
     the vocabulary (the classifier's `token_logprobs`)."""
-    from lmlab.generation.generate import length_batches
-    from lmlab.data.batch import pad_id_of
-    from lmlab.evaluation.scoring import token_logprobs
 
     model.eval()
     precision = _precision(model, precision)
@@ -232,7 +232,6 @@ def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record], b
 
 def _precision(model: nn.Module, precision: Any) -> Any:
     """The given Precision, or fp32 on the model's device."""
-    from lmlab.precision import Precision
 
     return precision if precision is not None else Precision(next(model.parameters()).device)
 
@@ -250,7 +249,6 @@ def mcq_accuracy(correct: Sequence[int], records: Sequence[Record]) -> dict[str,
 def score(task: str, records: Sequence[Record], answers: Sequence[Answer]) -> dict[str, Any]:
     """Accuracy (MCQ, with each item's 0/1 for paired tests) or EM/F1 (SAQ), plus the share that needed
     a retry and the share left invalid."""
-    from lmlab.evaluation.metrics import exact_match, token_f1
 
     n = max(len(records), 1)
     out = {"n": len(records), "valid_first_try": sum(a.attempts == 1 and a.valid for a in answers) / n,

@@ -15,36 +15,43 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.adapters.files import export_peft, save_adapter
+from lmlab.adapters.lora import apply_lora
+from lmlab.data import qa, tasks
+from lmlab.data.batch import IGNORE_INDEX
 from lmlab.data.instruct import (
-    ALPACA_MARKER, Example, InstructBatches, Record, Template, encode_examples, eval_batches, read_alpaca,
+    Example,
+    InstructBatches,
+    Record,
+    Template,
+    encode_examples,
+    eval_batches,
+    read_alpaca,
     split_records,
 )
 from lmlab.data.qa import permute_options
 from lmlab.errors import ConfigError
-from lmlab.data.batch import IGNORE_INDEX
-from lmlab.train.losses import lm_loss
-from lmlab.adapters.lora import LoRAConfig
-from lmlab.schema.sections import (
-    CheckpointSection,
-    LoggingSection,
-    OptimImpl,
-    OptimSection,
-    PrecisionSection,
-    ScheduleSection,
-    TrainSection,
-)
+from lmlab.fileio import atomic_write_text
+from lmlab.generation.generate import GenerationConfig, generate
+from lmlab.generation.sampling import SamplingConfig
+from lmlab.precision import Precision, peak_flops, resolve_device
 from lmlab.schema.load import check_resume_config, load_config, save_config
-from lmlab.schema.classify import ModelSection
 from lmlab.schema.sft import InstructDataSection, SFTConfig, SFTEvalSection
-
+from lmlab.train.distributed import seed_everything
+from lmlab.train.logger import MetricsLogger
+from lmlab.train.loop import FitConfig, fit
+from lmlab.train.losses import lm_loss
+from lmlab.train.optim import build_optimizer
+from lmlab.train.schedule import Schedule
+from lmlab.train.state import Checkpointer, load_train_state
+from lmlab.weights.loading import load_model
 
 # ----------------------------------------------------------------------------------------------------
 # loss and perplexity
@@ -80,7 +87,6 @@ def perplexities(model: nn.Module, examples: list[Example], pad_id: int, batch_s
 
 def read_records(source: str, paths: list[str]) -> list[Record]:
     """Records of every file, pooled; the reader is chosen by `data.source`."""
-    from lmlab.data import qa, tasks
 
     readers = {"alpaca": read_alpaca, "mcq": qa.mcq_records, "saq": qa.saq_records,
                "dialogsum": tasks.dialogsum_records, "gsm8k": tasks.gsm8k_records, "sst2": tasks.sst2_records}
@@ -120,13 +126,6 @@ def load_splits(cfg: SFTConfig) -> tuple[list[Record], list[Record], list[Record
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train one adapter; returns the summary (also written to summary.json)."""
-    from lmlab.adapters.files import export_peft, save_adapter
-    from lmlab.fileio import atomic_write_text
-    from lmlab.weights.loading import load_model
-    from lmlab.adapters.lora import apply_lora
-    from lmlab.precision import Precision, resolve_device
-    from lmlab.train.distributed import seed_everything
-    from lmlab.train.state import Checkpointer
 
     t0 = time.perf_counter()
     out, name = Path(cfg.out_dir), cfg.adapter or cfg.data.source
@@ -169,12 +168,6 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 def train_adapter(cfg: SFTConfig, model: nn.Module, train: list[Example], val: list[Example], pad_id: int,
                   precision: Any, out: Path) -> dict[str, Any]:
     """The active adapter trained by `fit` with the response-only loss; returns time, memory, losses."""
-    from lmlab.train.optim import build_optimizer
-    from lmlab.precision import peak_flops
-    from lmlab.train.schedule import Schedule
-    from lmlab.train.state import Checkpointer, load_train_state
-    from lmlab.train.loop import FitConfig, fit
-    from lmlab.train.logger import MetricsLogger
 
     t, o, s, lg = cfg.train, cfg.optim, cfg.schedule, cfg.logging
     batches = InstructBatches(train, t.batch_size, t.grad_accum, t.seed, pad_id, cfg.data.packing, cfg.data.max_len)
@@ -209,8 +202,6 @@ def train_adapter(cfg: SFTConfig, model: nn.Module, train: list[Example], val: l
 def sample_instructions(model: nn.Module, tokenizer: Any, template: Template, e: SFTEvalSection,
                         seed: int) -> list[tuple[str, str]]:
     """Answers to the novel instructions, sampled through the one generation path."""
-    from lmlab.generation.generate import GenerationConfig, generate
-    from lmlab.generation.sampling import SamplingConfig
 
     prompts = [template.prompt({"instruction": q, "input": "", "output": ""}, tokenizer) for q in e.instructions]
     gen = GenerationConfig(e.max_new_tokens, SamplingConfig(temperature=e.temperature, top_p=e.top_p),

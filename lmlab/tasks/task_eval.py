@@ -17,9 +17,19 @@ from typing import Any
 
 from torch import nn
 
+from lmlab.adapters.files import load_adapter
+from lmlab.adapters.lora import disable_lora
 from lmlab.data.instruct import Record, Template
 from lmlab.errors import ConfigError
-from lmlab.tasks.qa import TASKS, answer_with_retry, letter_logprob_predict, mcq_accuracy, score
+from lmlab.evaluation.metrics import extract_number, gsm8k_match, rouge
+from lmlab.generation.generate import GenerationConfig, generate
+from lmlab.generation.sampling import SamplingConfig
+from lmlab.precision import Precision, resolve_device
+from lmlab.schema.load import load_config
+from lmlab.schema.sft import SFTConfig
+from lmlab.tasks.qa import TASKS, answer_with_retry, cloze_predict, letter_logprob_predict, mcq_accuracy, score
+from lmlab.tasks.sft import load_splits, make_template
+from lmlab.weights.loading import load_model
 
 MAX_NEW_TOKENS = {"sst2": 4, "summarize": 96, "math": 256, "mcq": 4, "saq": 16}
 TASK_OF_SOURCE = {"sst2": "sst2", "dialogsum": "summarize", "gsm8k": "math", "mcq": "mcq", "saq": "saq"}
@@ -56,9 +66,6 @@ def evaluate_task(model: nn.Module, tokenizer: Any, task: str, records: Sequence
                   batch_size: int = 16) -> dict[str, Any]:
     """Greedy answers to `records` under `template` (whatever adapter is active), scored for `task`.
     max_new_tokens: None = the task's default (MAX_NEW_TOKENS); prompts run in length-sorted batches."""
-    from lmlab.generation.generate import GenerationConfig, generate
-    from lmlab.evaluation.metrics import extract_number, gsm8k_match, rouge
-    from lmlab.generation.sampling import SamplingConfig
 
     records = list(records)
     if task in ("mcq", "saq"):
@@ -86,7 +93,6 @@ def mcq_zero_shot(model: nn.Module, tokenizer: Any, records: Sequence[Record], t
     """Letter log-probability accuracy, overall and per source (mmlu, arc), with every adapter off
     (the zero-shot baseline) or, with `adapters`, through the active one; plus how often each letter
     was picked, since a skewed letter prior is what sinks a small model here."""
-    from lmlab.adapters.lora import disable_lora
 
     with contextlib.nullcontext() if adapters else disable_lora(model):
         preds = letter_logprob_predict(model, tokenizer, records, template)
@@ -100,8 +106,6 @@ def mcq_cloze(model: nn.Module, tokenizer: Any, records: Sequence[Record], preci
     roughly what an adapter that only teaches the letter format can bring to the surface. Scored by
     total log-probability of each option (the accuracy and per-item fields) and per character
     (`accuracy_norm`), under `precision` (None = fp32)."""
-    from lmlab.adapters.lora import disable_lora
-    from lmlab.tasks.qa import cloze_predict
 
     with disable_lora(model):
         raw, norm = cloze_predict(model, tokenizer, records, precision=precision)
@@ -116,12 +120,6 @@ def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "
                     shots: int = 0) -> dict[str, Any]:
     """Score the base model (and `adapter`, if given) on a recipe's test split, as `lmlab qa eval` does.
     Runs under the recipe's precision (device and autocast dtype), the one its adapter was trained in."""
-    from lmlab.adapters.files import load_adapter
-    from lmlab.weights.loading import load_model
-    from lmlab.precision import Precision, resolve_device
-    from lmlab.schema.load import load_config
-    from lmlab.schema.sft import SFTConfig
-    from lmlab.tasks.sft import load_splits, make_template
 
     cfg = load_config(recipe, list(overrides), schema=SFTConfig)
     train, _, test = load_splits(cfg)

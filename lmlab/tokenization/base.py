@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmlab.fileio import atomic_write_bytes
 from lmlab.errors import ConfigError, DataError
+from lmlab.fileio import atomic_write_bytes
 
 SIDECAR = "lmlab_tokenizer.json"  # kind + special ids + chat template, written by every save()
 

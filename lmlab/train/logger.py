@@ -23,7 +23,6 @@ class MetricsLogger:
             return
         if resume_step is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            from lmlab.fileio import atomic_write_text
 
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.path.parent.mkdir(parents=True, exist_ok=True)

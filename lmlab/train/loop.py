@@ -10,22 +10,20 @@ update, so a NaN/inf never reaches the weights and the last good checkpoint stay
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lmlab.errors import LmlabError
 from lmlab.data.batch import Batch
-from lmlab.train.losses import LossFn
+from lmlab.errors import LmlabError
 from lmlab.precision import Precision, peak_memory_mb
 from lmlab.train.logger import MetricsLogger
+from lmlab.train.losses import LossFn
 from lmlab.train.state import Checkpointer, Progress
 
 BatchSource = Callable[[int, int], Batch]  # (step, micro) -> batch

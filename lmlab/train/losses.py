@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from lmlab.data.batch import IGNORE_INDEX, Batch
 from lmlab.model.transformer import unwrap
 
-
 LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
 
 

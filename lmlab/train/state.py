@@ -25,6 +25,9 @@ from torch import nn
 
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_replace_dir
+from lmlab.model.transformer import unwrap
+from lmlab.weights.build import load_state_into
+from lmlab.weights.checkpoint import WEIGHTS, save_checkpoint
 
 STATE_FILE = "train_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"  # adapter-only checkpoints: the frozen base is not copied
@@ -93,11 +96,9 @@ class Checkpointer:
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
              scaler: Any = None, meta: dict[str, Any] | None = None) -> Path | None:
         """Atomically write checkpoints/<name>/ (name: step_XXXXXXX or best)."""
-        from lmlab.weights.checkpoint import save_checkpoint
 
         rng = _gather_rng()  # collectives: every rank calls save
         if self.trainable_only:
-            from lmlab.model.transformer import unwrap
 
             model, optim_state = unwrap(model), optimizer.state_dict()
         else:
@@ -150,7 +151,6 @@ def _is_sharded(model: nn.Module) -> bool:
 def _full_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, dict]:
     """The module and optimizer state to save. Under FSDP both are sharded: gather full copies to
     rank 0 (a collective) and put the weights into a plain CPU model there."""
-    from lmlab.model.transformer import unwrap
 
     raw = unwrap(model)
     if not _is_sharded(raw):
@@ -171,8 +171,6 @@ def load_train_state(folder: str | Path, model: nn.Module, optimizer: torch.opti
     """Restore weights, optimizer, scaler and this rank's RNG from a step checkpoint."""
     from safetensors.torch import load_file
 
-    from lmlab.weights.checkpoint import WEIGHTS, load_state_into
-    from lmlab.model.transformer import unwrap
 
     folder = Path(folder)
     partial = (folder / TRAINABLE_FILE).is_file()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from lmlab.weights.checkpoint import load_state_into
+from lmlab.errors import CheckpointError
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 
@@ -87,3 +87,26 @@ def state_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 __all__ = ["build_model", "to_interleaved", "to_rotate_half", "state_dtype"]
+
+
+def load_state_into(
+    model: Transformer, state: dict[str, torch.Tensor], source: str, strict: bool = True, assign: bool = False
+) -> None:
+    """Copy `state` into `model`, with errors that name the file and the mismatching tensors.
+
+    `assign=True` adopts the given tensors instead of copying (a model built on the meta device).
+    """
+    own = model.state_dict()
+    if model.config.tie_embeddings:
+        own.pop("output.weight", None)
+        state = {k: v for k, v in state.items() if k != "output.weight"}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{source}: weights do not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(own[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False, assign=assign)

@@ -15,10 +15,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_replace_dir
+from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer, unwrap
+from lmlab.weights.build import build_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -66,29 +67,6 @@ def _is_lmlab_config(path: Path) -> bool:
     return "dim" in data and "n_layers" in data  # HF configs say hidden_size / num_hidden_layers
 
 
-def load_state_into(
-    model: Transformer, state: dict[str, torch.Tensor], source: str, strict: bool = True, assign: bool = False
-) -> None:
-    """Copy `state` into `model`, with errors that name the file and the mismatching tensors.
-
-    `assign=True` adopts the given tensors instead of copying (a model built on the meta device).
-    """
-    own = model.state_dict()
-    if model.config.tie_embeddings:
-        own.pop("output.weight", None)
-        state = {k: v for k, v in state.items() if k != "output.weight"}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if strict and (missing or unexpected):
-        raise CheckpointError(f"{source}: weights do not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for name, tensor in state.items():
-        if name in own and own[name].shape != tensor.shape:
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config expects {tuple(own[name].shape)}"
-            )
-    model.load_state_dict(state, strict=False, assign=assign)
-
-
 def load_checkpoint(
     directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
@@ -103,6 +81,5 @@ def load_checkpoint(
         raise CheckpointError(f"{directory / WEIGHTS}: not found") from None
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{directory / WEIGHTS}: unreadable or truncated safetensors file ({err})") from None
-    from lmlab.weights.build import build_model  # lazy: lmlab.weights imports this module
 
     return build_model(config, state, str(directory / WEIGHTS), device=device, dtype=dtype)

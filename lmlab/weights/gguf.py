@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError
+from lmlab.model.config import ModelConfig
+from lmlab.tokenization import tokenizer_from_gguf
 from lmlab.weights.build import to_interleaved
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -195,6 +196,5 @@ def gguf_tokenizer(reader: Any) -> Any:
     """The tokenizer stored in the file's metadata (built by lmlab.tokenization), or None without one."""
     if "tokenizer.ggml.model" not in reader.fields:
         return None
-    from lmlab.tokenization import tokenizer_from_gguf
 
     return tokenizer_from_gguf(reader)

@@ -23,12 +23,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmlab.weights.checkpoint import model_state
-from lmlab.model.transformer import unwrap
-from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_replace_dir
+from lmlab.model.config import ModelConfig
+from lmlab.model.transformer import unwrap
 from lmlab.weights.build import to_interleaved, to_rotate_half
+from lmlab.weights.checkpoint import model_state
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

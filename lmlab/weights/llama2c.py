@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmlab.model.config import ModelConfig
 from lmlab.errors import CheckpointError
+from lmlab.model.config import ModelConfig
 
 MAGIC = 0x616B3432  # "ak42"
 HEADER_BYTES = 256

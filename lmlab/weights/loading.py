@@ -20,8 +20,17 @@ from typing import Any
 import torch
 
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.model.config import get_preset
 from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
+from lmlab.precision import DTYPES
+from lmlab.tokenization import SIDECAR, load_tokenizer
+from lmlab.weights.build import build_model
+from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from lmlab.weights.gguf import load_gguf
+from lmlab.weights.hf import is_hf_dir, load_hf, save_hf
+from lmlab.weights.hub import looks_like_hub_name, snapshot
+from lmlab.weights.llama2c import load_llama2c_bin, load_llama2c_pt
 
 REGISTRY: dict[str, Callable[[], Path]] = {
     "smollm2-135m-instruct": smollm2_gguf,
@@ -63,7 +72,6 @@ def load_model(
     elif Path(spec).exists():
         loaded = _load_path(Path(spec), device, dtype)
     else:
-        from lmlab.weights.hub import looks_like_hub_name, snapshot
 
         if not looks_like_hub_name(spec):
             raise CheckpointError(f"{spec}: no such file or folder (expected {EXPECTED})")
@@ -76,7 +84,6 @@ def load_model(
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    from lmlab.precision import DTYPES
 
     names = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in names:
@@ -85,7 +92,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    from lmlab.model.config import get_preset
 
     model = Transformer(get_preset(name)).to(device=device, dtype=dtype or torch.float32).eval()
     return LoadedModel(model, None, f"preset:{name}", "preset")
@@ -96,16 +102,13 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
         return _load_dir(path, device, dtype)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder (expected {EXPECTED})")
-    from lmlab.weights.build import build_model
 
     suffix = path.suffix.lower()
     if suffix == ".gguf":
-        from lmlab.weights.gguf import load_gguf
 
         config, state, tok = load_gguf(path, dtype=dtype or torch.float32)
         return LoadedModel(build_model(config, state, str(path), device=device), tok, str(path), "gguf")
     if suffix in (".bin", ".pt", ".pth"):
-        from lmlab.weights.llama2c import load_llama2c_bin, load_llama2c_pt
 
         config, state = load_llama2c_pt(path) if suffix != ".bin" else load_llama2c_bin(path)
         model = build_model(config, state, str(path), device=device, dtype=dtype or torch.float32)
@@ -115,14 +118,11 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
 
 
 def _load_dir(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint
-    from lmlab.weights.hf import is_hf_dir, load_hf
 
     if is_checkpoint(path):
         model = load_checkpoint(path, device=device, dtype=dtype).eval()
         return LoadedModel(model, _tokenizer_in(path), str(path), "lmlab")
     if is_hf_dir(path):
-        from lmlab.weights.build import build_model
 
         config, state = load_hf(path)
         model = build_model(config, state, str(path), device=device, dtype=dtype or torch.float32)
@@ -135,7 +135,6 @@ def _load_dir(path: Path, device: str | torch.device, dtype: torch.dtype | None)
 
 def _tokenizer_in(folder: Path) -> Any:
     """The tokenizer saved in a model folder, or None when it has no tokenizer files."""
-    from lmlab.tokenization import SIDECAR, load_tokenizer
 
     names = (SIDECAR, "tokenizer.json", "tokenizer.model", "tokenizer.bin", "vocab.json")
     return load_tokenizer(folder) if any((folder / n).is_file() for n in names) else None
@@ -143,7 +142,6 @@ def _tokenizer_in(folder: Path) -> Any:
 
 def _tokenizer_beside(checkpoint: Path) -> Any:
     """llama2.c keeps tokenizers next to checkpoints: tokenizer.bin, tok512.bin, tok512.model..."""
-    from lmlab.tokenization import load_tokenizer
 
     for pattern in LLAMA2C_TOKENIZERS:
         found = sorted(p for p in checkpoint.parent.glob(pattern) if p != checkpoint)
@@ -154,7 +152,6 @@ def _tokenizer_beside(checkpoint: Path) -> Any:
 
 def _as_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, Path)):
-        from lmlab.tokenization import load_tokenizer
 
         return load_tokenizer(tokenizer)
     return tokenizer
@@ -171,10 +168,8 @@ def convert(spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtyp
         raise ConfigError(f"--to {to!r}: expected one of {list(CONVERT_TARGETS)}")
     loaded = load_model(spec, dtype=dtype)
     if to == "hf":
-        from lmlab.weights.hf import save_hf
 
         return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer)
-    from lmlab.weights.checkpoint import save_checkpoint
 
     return save_checkpoint(loaded.model, out_dir, tokenizer=loaded.tokenizer,
                            metadata={"converted_from": loaded.source, "source_kind": loaded.kind})
