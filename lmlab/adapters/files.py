@@ -2,7 +2,7 @@
 
 lmlab adapter folder: `adapter.safetensors` (`<path>.lora_a.weight`, `<path>.lora_b.weight` and the
 `trainable` modules' tensors) + `adapter_config.json` (the LoRAConfig and the base model's config).
-A merged save is a normal lmlab checkpoint (lmlab/checkpoint.py) that loads as a plain Transformer;
+A merged save is a normal lmlab checkpoint (lmlab/weights/checkpoint.py) that loads as a plain Transformer;
 both can live in one folder since their file names differ.
 
 peft folder (Hugging Face): `adapter_model.safetensors` with keys

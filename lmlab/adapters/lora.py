@@ -7,7 +7,7 @@ A is Kaiming-uniform and B is zero, so a freshly adapted model computes exactly 
 model classes, and the base keys (`layers.0.attention.wq.weight`) keep their names, so base checkpoints
 load unchanged. Each LoRALinear holds its adapters in ModuleDicts keyed by adapter name, as peft does:
 in memory `wq.lora_a.<name>.weight`; saved (lora_state_dict) without the name, `wq.lora_a.weight`, which
-maps 1:1 to peft's `base_model.model.<hf path>.lora_A.weight` (lmlab/adapters.py). One adapter is
+maps 1:1 to peft's `base_model.model.<hf path>.lora_A.weight` (lmlab/adapters/files.py). One adapter is
 active at a time, so a router can switch task adapters on one loaded base. `disable_lora` runs the base
 model alone (DPO's reference model for free). The model file never imports this one.
 """
@@ -180,7 +180,7 @@ def lora_state(model: nn.Module) -> LoRAState:
     """The model's adapters; a ConfigError if LoRA was never applied to it."""
     state = getattr(unwrap(model), "lora_state", None)
     if state is None:
-        raise ConfigError("this model has no LoRA adapters: call lmlab.lora.apply_lora(model, cfg) first")
+        raise ConfigError("this model has no LoRA adapters: call lmlab.adapters.lora.apply_lora(model, cfg) first")
     return state
 
 

@@ -1,5 +1,5 @@
 """`lmlab convert SRC --to hf|lmlab --out DIR`: any loadable model as an lmlab checkpoint or a Hugging
-Face folder (see lmlab/loading.py and lmlab/weights/)."""
+Face folder (see lmlab/weights/loading.py and lmlab/weights/)."""
 
 from __future__ import annotations
 

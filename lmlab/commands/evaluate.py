@@ -1,5 +1,5 @@
 """`lmlab evaluate`: validation loss/perplexity of every checkpoint of a run, or the long-context
-(attention-sink) comparison of the runs in a folder (see lmlab/evaluate.py)."""
+(attention-sink) comparison of the runs in a folder (see lmlab/evaluation/evaluate.py)."""
 
 from __future__ import annotations
 

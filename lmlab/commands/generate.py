@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: weight-only int8 linears (about 2x faster decoding on CPU; see lmlab/quantize.py)")
+                   help="int8: weight-only int8 linears (about 2x faster decoding on CPU; see lmlab/model/quantize.py)")
     p.add_argument("--out", type=Path, help="write results as JSONL here (atomically)")
     p.add_argument("--no-stream", action="store_true", help="print results at the end only")
     p.set_defaults(func=run)

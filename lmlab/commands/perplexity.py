@@ -1,4 +1,4 @@
-"""`lmlab perplexity`: sliding-window perplexity of any loadable model on a text file (see lmlab/evaluate.py)."""
+"""`lmlab perplexity`: sliding-window perplexity of any loadable model on a text file (see lmlab/evaluation/evaluate.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`lmlab report`: a Markdown report of a run or sweep folder, plots embedded (see lmlab/report.py)."""
+"""`lmlab report`: a Markdown report of a run or sweep folder, plots embedded (see lmlab/evaluation/report.py)."""
 
 from __future__ import annotations
 

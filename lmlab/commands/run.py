@@ -1,4 +1,4 @@
-"""`lmlab run RECIPE.yaml [a.b=c ...]`: run a training recipe (see lmlab/run.py)."""
+"""`lmlab run RECIPE.yaml [a.b=c ...]`: run a training recipe (see lmlab/tasks/pretrain.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`lmlab sweep`: one run per point of a sweep file or of `--grid` flags on a recipe (see lmlab/sweep.py)."""
+"""`lmlab sweep`: one run per point of a sweep file or of `--grid` flags on a recipe (see lmlab/evaluation/sweep.py)."""
 
 from __future__ import annotations
 

@@ -5,11 +5,11 @@
         --label-names data/sst-label-mapping.json --dev_out sst-dev-finetuning-output.txt \
         --test_out sst-test-finetuning-output.txt [--use_gpu]
 
-Each option maps onto a classification config (lmlab/tasks/classify_config.py) and runs through
+Each option maps onto a classification config (lmlab/schema/classify.py) and runs through
 `lmlab.tasks.classify.run_classify`; the prediction files are written where --dev_out/--test_out say,
 in the seed's `PRED ||| text` format. Differences from the seed, all deliberate:
 - the default backbone is lmlab's embedded SmolLM2-135M (stories42M.pt cannot be downloaded here);
-  `--pretrained-model-path` takes any `lmlab.loading.load_model` spec, stories42M.pt included;
+  `--pretrained-model-path` takes any `lmlab.weights.loading.load_model` spec, stories42M.pt included;
 - `data/<file>` paths that do not exist fall back to the shared data folder (sst5/, cfimdb/);
 - on CPU the forward pass runs under bf16 autocast (`--dtype fp32` for the seed's numerics);
 - flags the seed does not have are optional: --seeds, --out_dir, --dtype, --max_train.

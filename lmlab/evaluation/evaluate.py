@@ -155,7 +155,7 @@ def model_perplexity(
     spec: str, data: str | Path, *, context: int = 0, stride: int = 0, max_tokens: int = 0, batch_size: int = 1,
     field: str = "text", device: str = "cpu", dtype: str = "fp32", progress: bool = True,
 ) -> tuple[PerplexityResult, dict[str, Any]]:
-    """Load any model lmlab can load (`lmlab.loading.load_model`) and measure its perplexity on a file.
+    """Load any model lmlab can load (`lmlab.weights.loading.load_model`) and measure its perplexity on a file.
 
     context 0 = the model's trained context, capped at 1024 (CPU time grows with it); stride 0 = context/2.
     """

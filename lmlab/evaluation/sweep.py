@@ -211,7 +211,7 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
 
 
 def inprocess_runner(recipe: Path, spec: RunSpec) -> None:
-    """`lmlab.run.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
+    """`lmlab.tasks.pretrain.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
 
     run_recipe(recipe, _run_overrides(spec))
 

@@ -27,7 +27,7 @@ _CHOICES = {
 
 @dataclass
 class ModelConfig:
-    """Every shape and switch of the native decoder (see lmlab/model.py)."""
+    """Every shape and switch of the native decoder (see lmlab/model/transformer.py)."""
 
     name: str = "custom"
     """Preset or model name, for display only."""

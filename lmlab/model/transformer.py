@@ -5,7 +5,7 @@ GELU), Touvron et al. 2023 (Llama: RMSNorm, SwiGLU, RoPE), Ainslie et al. 2023 (
 attention), Shazeer et al. 2017 / Fedus et al. 2021 (mixture of experts, load-balancing loss), Xiao et al.
 2023 (attention sinks). Parameter names follow Meta's llama / llama2.c (`tok_embeddings`, `wq wk wv wo`,
 `w1 w2 w3`, `attention_norm`, `ffn_norm`, `norm`, `output`) so reference checkpoints load without a key
-map. The model returns logits or hidden states; losses live in lmlab/losses.py.
+map. The model returns logits or hidden states; losses live in lmlab/train/losses.py.
 """
 
 from __future__ import annotations

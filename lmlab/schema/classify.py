@@ -1,5 +1,5 @@
 """The classification recipe schema (`lmlab classify RECIPE.yaml`): typed, strict dataclass groups read
-by `lmlab.runconfig.load_config(path, overrides, schema=ClassifyConfig)`.
+by `lmlab.schema.load.load_config(path, overrides, schema=ClassifyConfig)`.
 
 Defaults follow the minllama assignment (epochs 5, lr 2e-5, dropout 0.3, last-token pooling, AdamW
 without weight decay) except LoRA, whose seed settings (r 4, alpha 1, lr 2e-5) barely move the model:
@@ -19,7 +19,7 @@ SEED_PROMPT = "{text} Is this movie {labels}? This movie is"
 
 @dataclass
 class ModelSection:
-    """The backbone: anything `lmlab.loading.load_model` takes."""
+    """The backbone: anything `lmlab.weights.loading.load_model` takes."""
 
     spec: str = "smollm2-135m-instruct"
     """Registered name, .gguf / llama2.c .bin / .pt file (stories42M.pt), lmlab run or HF folder."""
@@ -95,7 +95,7 @@ class ClassifySection:
 
 @dataclass
 class LoraSection:
-    """LoRA adapters for method=lora (see lmlab/lora.py); the head is always trainable and saved with them.
+    """LoRA adapters for method=lora (see lmlab/adapters/lora.py); the head is always trainable and saved with them.
 
     The seed's r=4, alpha=1 scales the update by alpha/r = 0.25 and, at lr 2e-5, hardly moves the
     adapters in 5 epochs (its LoRA dev accuracies sit near chance). A scale of 2 (r 16, alpha 32), a
@@ -139,7 +139,7 @@ class TrainSection:
 
 @dataclass
 class OptimSection(sections.OptimSection):
-    """AdamW (lmlab/optim.py) with the seed's defaults; the fields are the pretraining recipe's."""
+    """AdamW (lmlab/train/optim.py) with the seed's defaults; the fields are the pretraining recipe's."""
 
     lr: float = 2e-5
     """Peak learning rate (seed: 2e-5)."""

@@ -11,7 +11,7 @@ class ModelSection:
     """Which model to build: a preset or a checkpoint, plus ModelConfig field overrides."""
 
     init: str = "preset:llama2c-stories260k"
-    """"preset:NAME" builds a fresh model from lmlab.config.PRESETS; a folder path loads its weights."""
+    """"preset:NAME" builds a fresh model from lmlab.model.config.PRESETS; a folder path loads its weights."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields to change (written flat in YAML: `model: {n_layers: 1}` or `model.n_layers=1`)."""
     vocab_from_tokenizer: bool = True
@@ -77,13 +77,13 @@ class TrainSection:
 
 
 
-OptimImpl = Literal["lmlab", "torch", "torch-foreach", "torch-fused"]  # built by lmlab.optim.make_adamw
+OptimImpl = Literal["lmlab", "torch", "torch-foreach", "torch-fused"]  # built by lmlab.train.optim.make_adamw
 
 
 
 @dataclass
 class OptimSection:
-    """AdamW settings (see lmlab/optim.py)."""
+    """AdamW settings (see lmlab/train/optim.py)."""
 
     impl: OptimImpl = "lmlab"
     """lmlab's own AdamW or torch.optim.AdamW (default, foreach or fused kernel)."""
@@ -102,7 +102,7 @@ class OptimSection:
 
 @dataclass
 class ScheduleSection:
-    """Learning-rate schedule (see lmlab/schedule.py)."""
+    """Learning-rate schedule (see lmlab/train/schedule.py)."""
 
     kind: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape after warmup."""

@@ -129,7 +129,7 @@ class SFTConfig:
     adapter: str = ""
     """Adapter (task) name: adapters/<name>/ in the run folder; empty = data.source."""
     model: ModelSection = field(default_factory=ModelSection)
-    """Base model (any lmlab.loading spec)."""
+    """Base model (any lmlab.weights.loading spec)."""
     data: InstructDataSection = field(default_factory=InstructDataSection)
     """Records, split and template."""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=16, alpha=32.0, dropout=0.05))

@@ -1,7 +1,7 @@
 """Sentence classification runs (the minllama assignment as recipes): zero-shot prompting, full
 fine-tuning and LoRA fine-tuning with a head, over any backbone `load_model` reads.
 
-setup (data, backbone, head/LoRA, optimizer) -> `fit` (lmlab/trainer.py, once per epoch so the dev
+setup (data, backbone, head/LoRA, optimizer) -> `fit` (lmlab/train/loop.py, once per epoch so the dev
 accuracy can pick the best epoch, as the seed does) -> predictions + metrics. Each run folder holds:
 config.yaml, metrics.jsonl (training curve + dev accuracy per epoch), metrics.json (accuracy, macro-F1,
 per-class precision/recall, confusion matrix per split), confusion_<split>.png, <split>-predictions.txt
@@ -160,7 +160,7 @@ def build_classifier(cfg: ClassifyConfig, backbone: nn.Module, n_labels: int) ->
 
 def build_optimizer(cfg: ClassifyConfig, model: SequenceClassifier) -> torch.optim.Optimizer:
     """AdamW with the backbone's trainable weights first (the schedule's base) and the head at
-    lr * head_lr_mult. Norms, biases and embeddings never decay (lmlab.optim.param_groups)."""
+    lr * head_lr_mult. Norms, biases and embeddings never decay (lmlab.train.optim.param_groups)."""
 
     o = cfg.optim
     groups = param_groups(model.backbone, o.weight_decay, o.decay_embeddings) + [
@@ -269,7 +269,7 @@ def _print_line(out: Path, r: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- save/load
 
 def save_classifier(cfg: ClassifyConfig, model: SequenceClassifier, tokenizer, label_names: list[str], out: Path) -> None:
-    """LoRA: adapter/ (adapters + head, lmlab/adapters.py). Full fine-tuning: model/ (an lmlab
+    """LoRA: adapter/ (adapters + head, lmlab/adapters/files.py). Full fine-tuning: model/ (an lmlab
     checkpoint of the backbone) + head.safetensors. classifier.json says how to rebuild either."""
     from safetensors.torch import save_file
 

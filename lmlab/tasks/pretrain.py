@@ -1,6 +1,6 @@
 """`lmlab run RECIPE.yaml [a.b=c ...]`: build everything a pretraining recipe names, then call `fit`.
 
-setup (config, processes, data, model, optimizer, resume) -> fit (lmlab/trainer.py) -> write results.
+setup (config, processes, data, model, optimizer, resume) -> fit (lmlab/train/loop.py) -> write results.
 Every run writes one folder: config.yaml (resolved), metrics.jsonl, summary.json, checkpoints/
 (step_XXXXXXX/ and best/), samples.txt when the recipe asks for samples. Under torchrun only rank 0
 writes files. Later recipe kinds (fine-tuning, DPO) reuse `setup_distributed`, `build_model`,

@@ -1,8 +1,8 @@
 """QA inference with task adapters (seed 004): stop strings, a validator per task, retry, routing.
 
-One base model is loaded once; each task's LoRA adapter is added to it by name (lmlab/lora.py) and the
+One base model is loaded once; each task's LoRA adapter is added to it by name (lmlab/adapters/lora.py) and the
 router activates the right one per request (`set_active_adapter`, no reload). Generation goes through
-`lmlab.generate.generate` only. An output the task's validator rejects is generated again, up to
+`lmlab.generation.generate.generate` only. An output the task's validator rejects is generated again, up to
 `max_retries` times, sampled with a new seed each time (greedy output cannot change on retry).
 
 The zero-shot MCQ baseline needs no generation: the option letter with the highest next-token

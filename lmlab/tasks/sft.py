@@ -1,7 +1,7 @@
 """Supervised instruction fine-tuning with LoRA (`lmlab sft RECIPE.yaml [a.b=c ...]`), seed 000's recipe.
 
 setup (config, model, records -> seeded 5:1:1 split -> response-masked examples) -> perplexity before
--> LoRA -> `fit` (lmlab/trainer.py, the one loop) with `lm_loss` on prompt-masked labels (only the
+-> LoRA -> `fit` (lmlab/train/loop.py, the one loop) with `lm_loss` on prompt-masked labels (only the
 response tokens count; lm_loss projects to the vocabulary only there) -> perplexity after ->
 samples for novel instructions -> adapter saved (lmlab + peft format) under the run folder by name.
 QA, summarization and math adapters are this same path with another `data.source` (recipes/qa/...).

@@ -52,7 +52,7 @@ def seed_everything(seed: int) -> None:
 
 def wrap_model(model: nn.Module, dist: Dist, strategy: str, compile_model: bool) -> nn.Module:
     """DDP or FSDP under torchrun, then torch.compile if asked. The raw model stays reachable
-    through `.module` / `._orig_mod` (lmlab.checkpoint.unwrap), which is what gets saved."""
+    through `.module` / `._orig_mod` (lmlab.weights.checkpoint.unwrap), which is what gets saved."""
     if dist.world > 1:
         if strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard

@@ -1,5 +1,5 @@
 """The one training loop. Pretraining, fine-tuning, DPO and verifiers differ only in the loss function
-and the batch source they hand to `fit` (see lmlab/losses.py); there is no mode flag.
+and the batch source they hand to `fit` (see lmlab/train/losses.py); there is no mode flag.
 
 Per optimizer step: for each micro-batch, forward under autocast, `loss_fn` -> (sum, count), backward
 the *sum*; then add sums and counts over micro-batches and processes and scale the gradients once by
@@ -35,7 +35,7 @@ class TrainingDiverged(LmlabError):
 
 @dataclass
 class FitConfig:
-    """Loop cadence; every field comes from the run config (lmlab/runconfig.py)."""
+    """Loop cadence; every field comes from the run config (lmlab/schema/load.py)."""
 
     max_steps: int
     grad_accum: int = 1

@@ -1,12 +1,12 @@
 """Checkpoints that survive a crash, and exact resume.
 
 A step checkpoint is a folder `checkpoints/step_XXXXXXX/` holding the model in lmlab's checkpoint
-format (model.safetensors + config.json, via `lmlab.checkpoint.save_checkpoint`, so any checkpoint
+format (model.safetensors + config.json, via `lmlab.weights.checkpoint.save_checkpoint`, so any checkpoint
 loads with `load_checkpoint`) plus `train_state.pt`: optimizer, gradient scaler, progress counters and
 the RNG states (python, numpy, torch, CUDA) of every process. The folder is built under a temporary
 name, fsynced and renamed, so a SIGKILL leaves either the whole checkpoint or none. The data position
 needs no saving: batch sources are pure functions of the step (lmlab/data/pretrain.py) and schedules
-pure functions of the step (lmlab/schedule.py).
+pure functions of the step (lmlab/train/schedule.py).
 """
 
 from __future__ import annotations

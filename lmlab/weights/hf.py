@@ -4,7 +4,7 @@ In: config.json plus model.safetensors, a sharded model.safetensors.index.json, 
 (read with torch.load(weights_only=True): nothing in a checkpoint is executed). Out: `save_hf` writes a
 folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits.
 
-Name and layout differences handled here (lmlab keeps Meta/llama2.c names, lmlab/model.py):
+Name and layout differences handled here (lmlab keeps Meta/llama2.c names, lmlab/model/transformer.py):
 - Llama family: q_proj/k_proj rows (and Qwen2's biases) use the rotate-half RoPE layout and are
   permuted per head (lmlab.weights.to_interleaved); gate/up/down_proj are w1/w3/w2.
 - GPT-2: Conv1D stores weights as (in, out), so they are transposed; c_attn is wq|wk|wv side by side;
