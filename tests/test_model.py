@@ -181,7 +181,7 @@ def test_hidden_states_and_bf16() -> None:
 def test_math_attention_equals_sdpa(name: str, T: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU takes three plain kernels for small score matrices (see use_math_attention): logits and
     gradients must equal PyTorch's fused SDPA, with and without padding."""
-    import lmlab.model.transformer as model_mod
+    import lmlab.model.attention as model_mod
 
     cfg = dict(VARIANTS[name], max_seq_len=T)
     torch.manual_seed(0)
