@@ -28,7 +28,6 @@ _CHOICES = {
 @dataclass
 class ModelConfig:
     """Every shape and switch of the native decoder (see lmlab/model/transformer.py)."""
-
     name: str = "custom"
     """Preset or model name, for display only."""
     vocab_size: int = 32000
@@ -150,7 +149,6 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -36,7 +36,6 @@ class TrainingDiverged(LmlabError):
 @dataclass
 class FitConfig:
     """Loop cadence; every field comes from the run config (lmlab/schema/load.py)."""
-
     max_steps: int
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -52,7 +51,6 @@ class FitConfig:
 @dataclass
 class FitResult:
     """What the run ended with (summary.json is built from it)."""
-
     progress: Progress
     train_loss: float = float("nan")
     val_loss: float | None = None
