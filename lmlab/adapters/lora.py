@@ -36,6 +36,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 @dataclass
 class LoRAConfig:
     """One adapter's shape and where it goes; saved in adapter_config.json."""
+
     rank: int = 8
     """r, the rank of B A. Higher = more capacity and more parameters (r * (in + out) per layer)."""
     alpha: float = 16.0
@@ -50,6 +51,7 @@ class LoRAConfig:
     e.g. a classification head "head"."""
     use_rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r), so higher ranks keep learning (Kalajdzievski 2023)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError(f"lora.rank={self.rank!r}: expected a positive integer")
@@ -167,6 +169,7 @@ class LoRALinear(nn.Module):
 @dataclass
 class LoRAState:
     """Per-model bookkeeping, kept on the root module as `model.lora_state`."""
+
     configs: dict[str, LoRAConfig] = field(default_factory=dict)
     active: str | None = None
     stash: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)

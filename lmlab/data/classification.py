@@ -29,6 +29,7 @@ SST5_TO_SST2 = {0: 0, 1: 0, 3: 1, 4: 1}
 @dataclass
 class LabeledTexts:
     """One split: texts, integer labels (indices into `label_names`) and what reading skipped."""
+
     texts: list[str]
     labels: list[int]
     label_names: list[str]
@@ -200,6 +201,7 @@ TRUNCATIONS = ("head", "tail", "middle")
 @dataclass
 class PromptFormat:
     """Token ids around the text: BOS + prefix + text (truncated) + suffix."""
+
     prefix: list[int]
     suffix: list[int]
     max_len: int

@@ -152,6 +152,7 @@ class Template:
 @dataclass
 class Example:
     """Token ids of prompt + response; the first `n_prompt` are not trained on."""
+
     ids: list[int]
     n_prompt: int
 
@@ -159,6 +160,7 @@ class Example:
 @dataclass
 class SFTData:
     """Encoded examples plus what was dropped or cut, and why."""
+
     examples: list[Example]
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0

@@ -39,6 +39,7 @@ SHARD_VERSION = 1
 @dataclass
 class TokenSplit:
     """One split: a flat token array and the start offset of each document (plus the end)."""
+
     tokens: np.ndarray
     doc_offsets: np.ndarray
 
@@ -125,6 +126,7 @@ def check_length(split: TokenSplit, seq_len: int, name: str, source: str) -> Non
 @dataclass
 class Layout:
     """Where this process's micro-batch sits inside the global batch of one optimizer step."""
+
     batch_size: int
     grad_accum: int = 1
     rank: int = 0
@@ -140,6 +142,7 @@ class Layout:
 
 class RandomWindows:
     """Windows of seq_len+1 tokens at offsets drawn from a generator seeded by (seed, step)."""
+
     def __init__(self, split: TokenSplit, seq_len: int, layout: Layout, seed: int) -> None:
         self.tokens, self.seq_len, self.layout, self.seed = split.tokens, seq_len, layout, seed
 
@@ -173,6 +176,7 @@ def collate_chunks(tokens: np.ndarray, spans: np.ndarray, seq_len: int, pad_id: 
 
 class PaddedChunks:
     """Consecutive per-document chunks in a fresh seeded order each epoch; short chunks padded."""
+
     def __init__(self, split: TokenSplit, seq_len: int, layout: Layout, seed: int, pad_id: int = 0) -> None:
         self.tokens, self.seq_len, self.layout, self.seed, self.pad_id = split.tokens, seq_len, layout, seed, pad_id
         self.spans = chunk_spans(split, seq_len)
@@ -215,6 +219,7 @@ def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str
 def build_tokenizer(spec: str, docs: list[str]) -> tuple[Any, str]:
     """(tokenizer, identity for the token cache): `char` is built from the corpus, else a path."""
     if spec == "char":
+
         return CharTokenizer.from_text("".join(docs)), "char"
 
     path = Path(spec)

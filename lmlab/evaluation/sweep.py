@@ -49,6 +49,7 @@ SUMMARY = "summary.json"
 @dataclass
 class SweepConfig:
     """A sweep: base recipe, points, seeds and where the runs go."""
+
     recipe: str = ""
     """Base recipe YAML (a path relative to the sweep file, or absolute)."""
     out_dir: str = ""
@@ -77,6 +78,7 @@ class SweepConfig:
 @dataclass
 class RunSpec:
     """One planned run: its name, its point, its seed and the overrides that make it."""
+
     name: str
     point: str
     seed: int | None
@@ -210,12 +212,14 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
 
 def inprocess_runner(recipe: Path, spec: RunSpec) -> None:
     """`lmlab.tasks.pretrain.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
+
     run_recipe(recipe, _run_overrides(spec))
 
 
 @dataclass
 class SweepResult:
     """What the sweep did, and where its tables are."""
+
     sweep_dir: Path
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -365,6 +369,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_plots(specs: list[RunSpec], sweep_dir: Path) -> list[Path]:
     """Per-run loss/perplexity curves and overlays by step and by tokens, under <sweep>/plots/."""
+
     runs = {s.name: plots.read_metrics(s.run_dir) for s in specs if (s.run_dir / "metrics.jsonl").is_file()}
     runs = {k: v for k, v in runs.items() if v}
     out = sweep_dir / "plots"
@@ -384,6 +389,7 @@ def sweep_from_recipe(
     recipe: str | Path, grid: list[str], seeds: list[int], out_dir: str = "", overrides: list[str] = (),
 ) -> SweepConfig:
     """A sweep over `--grid key=v1,v2` flags of a plain recipe (values parsed as YAML scalars)."""
+
     table: dict[str, list[Any]] = {}
     for item in grid:
         key, sep, values = item.partition("=")

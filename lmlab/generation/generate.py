@@ -22,6 +22,7 @@ from lmlab.tokenization import StreamDecoder
 @dataclass
 class GenerationConfig:
     """What to generate and when to stop."""
+
     max_new_tokens: int = 128
     """Upper bound on generated tokens per prompt."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

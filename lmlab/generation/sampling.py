@@ -21,6 +21,7 @@ from lmlab.errors import ConfigError
 @dataclass
 class SamplingConfig:
     """How the next token is chosen."""
+
     temperature: float = 1.0
     """0 = greedy (argmax); < 1 sharper, > 1 flatter."""
     top_k: int | None = None
@@ -33,6 +34,7 @@ class SamplingConfig:
     """Drop tokens whose probability is below epsilon (the top token always survives)."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the sequence (CTRL: logits / p if > 0 else * p)."""
+
     def __post_init__(self) -> None:
         checks = [
             ("temperature", self.temperature is not None and self.temperature >= 0, ">= 0"),

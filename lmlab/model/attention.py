@@ -23,6 +23,7 @@ from lmlab.model.rope import apply_rotary_emb
 @dataclass
 class AttnContext:
     """What every layer's attention needs for one forward, computed once in Transformer.forward."""
+
     cos: torch.Tensor | None  # (B|1, T, 1, D/2) angles of the new tokens (None without RoPE)
     sin: torch.Tensor | None
     mask: torch.Tensor | None  # (B|1, 1, T, S) bool, True = may attend; None with is_causal or no mask
@@ -65,6 +66,7 @@ def use_math_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query self-attention over PyTorch SDPA."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         c = config

@@ -28,6 +28,7 @@ _CHOICES = {
 @dataclass
 class ModelConfig:
     """Every shape and switch of the native decoder (see lmlab/model/transformer.py)."""
+
     name: str = "custom"
     """Preset or model name, for display only."""
     vocab_size: int = 32000
@@ -149,6 +150,7 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
+
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

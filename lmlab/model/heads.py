@@ -22,6 +22,7 @@ def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 class SequenceClassifier(nn.Module):
     """backbone (a Transformer) + dropout + linear head; returns class logits (B, C)."""
+
     def __init__(self, backbone: nn.Module, n_labels: int, dropout: float = 0.3, pooling: str = "last") -> None:
         super().__init__()
         pool(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # reject a bad mode now, not mid-run

@@ -20,6 +20,7 @@ from lmlab.model.config import ModelConfig
 
 class KVCache:
     """Keys and values of every layer: (n_layers, B, n_kv_heads, capacity, head_dim)."""
+
     def __init__(
         self,
         config: ModelConfig,

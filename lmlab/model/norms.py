@@ -20,6 +20,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g (Zhang & Sennrich 2019), computed in fp32."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -34,6 +35,7 @@ class RMSNorm(nn.Module):
 
 class LayerNorm(nn.Module):
     """(x - mean) / sqrt(var + eps) * g + b (Ba et al. 2016), computed in fp32."""
+
     def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
         super().__init__()
         self.eps = eps

@@ -20,6 +20,7 @@ KERNEL_MAX_ROWS = 16  # above this many rows the dequantized bf16 matmul is fast
 
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T + b with q int8 (out, in) and scale (out,): per-channel symmetric int8."""
+
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         w = linear.weight.detach().float()

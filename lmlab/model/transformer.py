@@ -25,6 +25,7 @@ from lmlab.model.rope import rope_angles, rope_inv_freq
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x) (Shazeer 2020), or GELU MLP: w2(gelu(w1 x))."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config
@@ -74,6 +75,7 @@ class MoEFeedForward(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attention_norm = make_norm(config)
@@ -89,6 +91,7 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """Token ids (B, T) -> logits (B, T, vocab) or final hidden states (B, T, dim)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = c = config

@@ -20,6 +20,7 @@ SEED_PROMPT = "{text} Is this movie {labels}? This movie is"
 @dataclass
 class ModelSection:
     """The backbone: anything `lmlab.weights.loading.load_model` takes."""
+
     spec: str = "smollm2-135m-instruct"
     """Registered name, .gguf / llama2.c .bin / .pt file (stories42M.pt), lmlab run or HF folder."""
     tokenizer: str = ""
@@ -29,6 +30,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     """The splits, their format and how texts become tokens."""
+
     train: str = ""
     """Training file (`LABEL ||| text`, .csv/.tsv with header, or .jsonl). Zero-shot does not need it."""
     dev: str = ""
@@ -60,6 +62,7 @@ class DataSection:
 @dataclass
 class ClassifySection:
     """Which method, and how inputs and outputs are shaped."""
+
     method: Literal["zeroshot", "finetune", "lora"] = "finetune"
     """zeroshot: label log-probabilities after a prompt; finetune: all weights + head; lora: adapters + head."""
     pooling: Literal["last", "mean"] = "last"
@@ -115,6 +118,7 @@ class LoraSection:
 @dataclass
 class TrainSection:
     """Epochs, batches, schedule shape."""
+
     epochs: float = 5.0
     """Passes over the training split (seed: 5)."""
     batch_size: int = 80
@@ -136,6 +140,7 @@ class TrainSection:
 @dataclass
 class OptimSection(sections.OptimSection):
     """AdamW (lmlab/train/optim.py) with the seed's defaults; the fields are the pretraining recipe's."""
+
     lr: float = 2e-5
     """Peak learning rate (seed: 2e-5)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -149,6 +154,7 @@ class OptimSection(sections.OptimSection):
 @dataclass
 class ClassifyConfig:
     """A classification run (`lmlab classify`)."""
+
     out_dir: str = "runs/classify"
     """Run folder (one seed_N/ subfolder per seed with --seeds)."""
     model: ModelSection = field(default_factory=ModelSection)

@@ -21,6 +21,7 @@ from lmlab.schema.sections import (
 @dataclass
 class RunConfig:
     """A pretraining run (`lmlab run`)."""
+
     out_dir: str = "runs/run"
     """Run folder: config.yaml, metrics.jsonl, summary.json, checkpoints/."""
     model: ModelSection = field(default_factory=ModelSection)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 @dataclass
 class ModelSection:
     """Which model to build: a preset or a checkpoint, plus ModelConfig field overrides."""
+
     init: str = "preset:llama2c-stories260k"
     """"preset:NAME" builds a fresh model from lmlab.model.config.PRESETS; a folder path loads its weights."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -21,6 +22,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     """Where the tokens come from and how batches are cut (see lmlab/data/pretrain.py)."""
+
     path: str = ""
     """Corpus: a text file, .jsonl/.json (see `field`), .csv (see `column`), or `hf:NAME` (online only)."""
     field: str = "text"
@@ -55,6 +57,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     """Loop length, batch geometry and evaluation cadence."""
+
     max_steps: int = 1000
     """Optimizer steps (0 = derive from `epochs`)."""
     epochs: float = 0.0
@@ -81,6 +84,7 @@ OptimImpl = Literal["lmlab", "torch", "torch-foreach", "torch-fused"]  # built b
 @dataclass
 class OptimSection:
     """AdamW settings (see lmlab/train/optim.py)."""
+
     impl: OptimImpl = "lmlab"
     """lmlab's own AdamW or torch.optim.AdamW (default, foreach or fused kernel)."""
     lr: float = 1e-3
@@ -99,6 +103,7 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     """Learning-rate schedule (see lmlab/train/schedule.py)."""
+
     kind: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape after warmup."""
     warmup_steps: int = 100
@@ -113,6 +118,7 @@ class ScheduleSection:
 @dataclass
 class PrecisionSection:
     """Device and numeric format (see lmlab/precision.py)."""
+
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -125,6 +131,7 @@ class PrecisionSection:
 @dataclass
 class CheckpointSection:
     """When to save and whether to resume."""
+
     every: int = 0
     """Save every N steps; 0 = only the final and best checkpoints."""
     best: bool = True
@@ -139,6 +146,7 @@ class CheckpointSection:
 @dataclass
 class LoggingSection:
     """What the run reports while it trains."""
+
     log_every: int = 10
     """metrics.jsonl line every N steps."""
     progress: bool = True
@@ -153,6 +161,7 @@ class LoggingSection:
 @dataclass
 class SampleSection:
     """Optional text samples written to samples.txt after training."""
+
     prompts: list[str] = field(default_factory=list)
     """Prompts to continue; empty = no samples."""
     max_new_tokens: int = 100
@@ -167,6 +176,7 @@ class SampleSection:
 @dataclass
 class DistributedSection:
     """Multi-process training under torchrun (ignored in a single process)."""
+
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """DistributedDataParallel, or FSDP (fully_shard) for models that do not fit one device."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"

@@ -31,6 +31,7 @@ NOVEL_INSTRUCTIONS = [  # seed 000's out-of-distribution checks
 @dataclass
 class InstructDataSection:
     """Where the records come from, how they are split and templated."""
+
     source: Literal["alpaca", "mcq", "saq", "dialogsum", "gsm8k", "sst2"] = "alpaca"
     """Reader: alpaca JSON/JSONL; mcq (MMLU csv folder / ARC jsonl); saq (NQ-open jsonl); dialogsum; gsm8k;
     sst2 (an SST-5 `LABEL ||| text` file, neutral dropped)."""
@@ -69,6 +70,7 @@ class InstructDataSection:
 @dataclass
 class SFTTrainSection(TrainSection):
     """The pretraining loop's fields with seed 000's defaults: 3 epochs, micro-batch 4 with accumulation."""
+
     max_steps: int = 0
     """Optimizer steps; 0 = derive from epochs."""
     epochs: float = 3.0
@@ -87,6 +89,7 @@ class SFTTrainSection(TrainSection):
 @dataclass
 class SFTOptimSection(OptimSection):
     """AdamW over the adapter weights only (the pretraining recipe's fields, LoRA defaults)."""
+
     impl: OptimImpl = "torch"
     """lmlab's own AdamW or torch.optim.AdamW (default, foreach or fused kernel)."""
     lr: float = 2e-4
@@ -101,6 +104,7 @@ class SFTOptimSection(OptimSection):
 @dataclass
 class SFTEvalSection:
     """What is measured before and after tuning."""
+
     perplexity: bool = True
     """Plain and conditional (response | instruction) perplexity on the test split, before and after."""
     batch_size: int = 8
@@ -119,6 +123,7 @@ class SFTEvalSection:
 @dataclass
 class SFTConfig:
     """A LoRA instruction-tuning run (`lmlab sft`)."""
+
     out_dir: str = "runs/sft"
     """Run folder."""
     adapter: str = ""

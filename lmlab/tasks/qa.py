@@ -60,6 +60,7 @@ def validate_saq(text: str, record: Record, max_words: int = 10) -> str | None:
 @dataclass
 class TaskSpec:
     """How one task is asked and checked."""
+
     adapter: str | None
     """LoRA adapter to activate (None = the base model alone)."""
     validator: Validator
@@ -79,6 +80,7 @@ TASKS: dict[str, TaskSpec] = {
 @dataclass
 class Answer:
     """One request's result."""
+
     text: str
     """The validated answer, or the last raw output when no attempt was valid."""
     valid: bool
@@ -141,6 +143,7 @@ class Router:
 
     def answer(self, records: Sequence[Record], seed: int = 0) -> list[tuple[str, Answer]]:
         """(task, answer) per request, in order; requests are grouped per adapter."""
+
         routed = [self.route(r) for r in records]
         out: list[tuple[str, Answer] | None] = [None] * len(records)
         for task in dict.fromkeys(routed):
@@ -157,6 +160,7 @@ class Router:
 def load_router(base: str, adapters: dict[str, str | Path], template: Template | None = None,
                 device: str = "cpu", max_retries: int = 2) -> Router:
     """Load `base` once and add each saved adapter (lmlab or peft folder) under its task name."""
+
     loaded = load_model(base, device=device)
     for task, folder in adapters.items():
         load_adapter(loaded.model, folder, name=task)
@@ -228,6 +232,7 @@ def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record], b
 
 def _precision(model: nn.Module, precision: Any) -> Any:
     """The given Precision, or fp32 on the model's device."""
+
     return precision if precision is not None else Precision(next(model.parameters()).device)
 
 

@@ -87,6 +87,7 @@ def perplexities(model: nn.Module, examples: list[Example], pad_id: int, batch_s
 
 def read_records(source: str, paths: list[str]) -> list[Record]:
     """Records of every file, pooled; the reader is chosen by `data.source`."""
+
     readers = {"alpaca": read_alpaca, "mcq": qa.mcq_records, "saq": qa.saq_records,
                "dialogsum": tasks.dialogsum_records, "gsm8k": tasks.gsm8k_records, "sst2": tasks.sst2_records}
     if source not in readers:
@@ -125,6 +126,7 @@ def load_splits(cfg: SFTConfig) -> tuple[list[Record], list[Record], list[Record
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train one adapter; returns the summary (also written to summary.json)."""
+
     t0 = time.perf_counter()
     out, name = Path(cfg.out_dir), cfg.adapter or cfg.data.source
     precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
@@ -166,6 +168,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 def train_adapter(cfg: SFTConfig, model: nn.Module, train: list[Example], val: list[Example], pad_id: int,
                   precision: Any, out: Path) -> dict[str, Any]:
     """The active adapter trained by `fit` with the response-only loss; returns time, memory, losses."""
+
     t, o, s, lg = cfg.train, cfg.optim, cfg.schedule, cfg.logging
     batches = InstructBatches(train, t.batch_size, t.grad_accum, t.seed, pad_id, cfg.data.packing, cfg.data.max_len)
     max_steps = t.max_steps or max(1, math.ceil(t.epochs * batches.steps_per_epoch))
@@ -199,6 +202,7 @@ def train_adapter(cfg: SFTConfig, model: nn.Module, train: list[Example], val: l
 def sample_instructions(model: nn.Module, tokenizer: Any, template: Template, e: SFTEvalSection,
                         seed: int) -> list[tuple[str, str]]:
     """Answers to the novel instructions, sampled through the one generation path."""
+
     prompts = [template.prompt({"instruction": q, "input": "", "output": ""}, tokenizer) for q in e.instructions]
     gen = GenerationConfig(e.max_new_tokens, SamplingConfig(temperature=e.temperature, top_p=e.top_p),
                            stop_strings=("### Instruction:",), seed=seed)

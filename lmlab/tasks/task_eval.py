@@ -37,6 +37,7 @@ TASK_OF_SOURCE = {"sst2": "sst2", "dialogsum": "summarize", "gsm8k": "math", "mc
 
 class FewShotTemplate(Template):
     """The chat template with `shots` solved examples as earlier turns."""
+
     def __init__(self, shots: Sequence[Record], system: str | None = None) -> None:
         super().__init__("chat", system=system)
         self.shots = list(shots)

@@ -47,6 +47,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 class Tokenizer(ABC):
     """Text <-> ids. Subclasses set `kind`, `vocab_size` and the special ids in __init__."""
+
     kind: str = ""
     vocab_size: int
     bos_id: int | None = None

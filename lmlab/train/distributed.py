@@ -14,6 +14,7 @@ from torch import nn
 @dataclasses.dataclass
 class Dist:
     """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0

@@ -36,6 +36,7 @@ class TrainingDiverged(LmlabError):
 @dataclass
 class FitConfig:
     """Loop cadence; every field comes from the run config (lmlab/schema/load.py)."""
+
     max_steps: int
     grad_accum: int = 1
     grad_clip: float = 1.0
@@ -51,6 +52,7 @@ class FitConfig:
 @dataclass
 class FitResult:
     """What the run ended with (summary.json is built from it)."""
+
     progress: Progress
     train_loss: float = float("nan")
     val_loss: float | None = None

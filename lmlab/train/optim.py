@@ -18,6 +18,7 @@ from lmlab.errors import ConfigError
 
 class AdamW(torch.optim.Optimizer):
     """AdamW with bias correction; same update and state names as torch.optim.AdamW (exp_avg, ...)."""
+
     def __init__(
         self,
         params: Iterable,

@@ -35,6 +35,7 @@ def lr_at(step: int, lr: float, warmup_steps: int, decay_steps: int, min_lr: flo
 
 class Schedule:
     """`lr_at` bound to one run's settings; `sched(step)` gives the rate."""
+
     def __init__(self, lr: float, warmup_steps: int, decay_steps: int, min_lr: float = 0.0, kind: str = "cosine"):
         if kind not in KINDS:
             raise ConfigError(f"schedule.kind={kind!r}: expected one of {KINDS}")

@@ -37,6 +37,7 @@ _STEP_DIR = re.compile(r"^step_(\d{7})$")
 @dataclass
 class Progress:
     """Counters that continue across a resume."""
+
     step: int = 0
     """Optimizer steps completed."""
     tokens_seen: int = 0
@@ -86,6 +87,7 @@ def _gather_rng() -> list[dict[str, Any]]:
 
 class Checkpointer:
     """Writes step and best checkpoints under `folder` (rank 0 only) and finds the newest one."""
+
     def __init__(self, folder: str | Path, tokenizer: Any = None, keep_last: int = 0, is_main: bool = True,
                  trainable_only: bool = False):
         self.folder, self.tokenizer, self.keep_last, self.is_main = Path(folder), tokenizer, keep_last, is_main
@@ -94,8 +96,10 @@ class Checkpointer:
     def save(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
              scaler: Any = None, meta: dict[str, Any] | None = None) -> Path | None:
         """Atomically write checkpoints/<name>/ (name: step_XXXXXXX or best)."""
+
         rng = _gather_rng()  # collectives: every rank calls save
         if self.trainable_only:
+
             model, optim_state = unwrap(model), optimizer.state_dict()
         else:
             model, optim_state = _full_states(model, optimizer)

@@ -80,6 +80,7 @@ def _shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
 
 class _Floats:
     """Reads consecutive fp32 tensors from a buffer, with a clear error when the file is too short."""
+
     def __init__(self, path: Path, data: bytearray, offset: int, expected_bytes: int) -> None:
         if len(data) < expected_bytes:
             raise CheckpointError(
