@@ -84,7 +84,6 @@ def resolve_data_path(path: str) -> str:
 
 def build_config(args: argparse.Namespace):
     """The ClassifyConfig that the seed's flags describe."""
-
     cfg = ClassifyConfig()
     method = METHODS[args.option]
     cfg.classify.method = method
@@ -113,7 +112,6 @@ def build_config(args: argparse.Namespace):
 
 def generate_sentences(args: argparse.Namespace) -> None:
     """Two continuations of the seed's prefix, at temperature 0 and 1, one file each."""
-
     loaded = load_model(args.pretrained_model_path, device="cuda" if args.use_gpu else "cpu")
     tok = loaded.tokenizer
     prompt = encode_prompt(tok, GENERATE_PREFIX)

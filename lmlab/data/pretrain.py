@@ -219,7 +219,6 @@ def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str
 def build_tokenizer(spec: str, docs: list[str]) -> tuple[Any, str]:
     """(tokenizer, identity for the token cache): `char` is built from the corpus, else a path."""
     if spec == "char":
-
         return CharTokenizer.from_text("".join(docs)), "char"
 
     path = Path(spec)

@@ -146,7 +146,6 @@ def _bar(total: int, enabled: bool) -> Any:
 
 def read_eval_text(path: str | Path, field: str = "text", column: str = "text") -> str:
     """A plain text file as is; JSONL/JSON records (`field`) or CSV rows (`column`) joined by blank lines."""
-
     docs, _ = read_documents(str(path), field=field, column=column, separator="record")
     return "\n\n".join(docs)
 
@@ -292,7 +291,6 @@ def _checkpoint_step(folder: Path) -> int | None:
 
 def evaluate_run(run_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_batches: int = 0) -> tuple[Path, Path]:
     """Validation loss and perplexity of every checkpoint of a run -> eval/checkpoints.csv and .png."""
-
     run_dir = Path(run_dir)
     folders = checkpoint_dirs(run_dir)
     if not folders:
@@ -378,7 +376,6 @@ def long_context_eval(
 
 
 def _load_run_model(run_dir: Path, device: str) -> tuple[Any, Any, int, Any]:
-
     folders = checkpoint_dirs(run_dir)
     if not folders:
         raise DataError(f"{run_dir}: no checkpoints to evaluate")
@@ -390,7 +387,6 @@ def _load_run_model(run_dir: Path, device: str) -> tuple[Any, Any, int, Any]:
 
 def _long_sample(model: Any, tok: Any, name: str, prompt: str, length: int, context: int, seed: int) -> str:
     """Sample `length` tokens; mark where the trained context ends; distinct-2 before and after it."""
-
     ids = tok.encode(prompt, bos=bool(tok.add_bos and tok.bos_id is not None)) or [tok.bos_id or 0]
     gen = GenerationConfig(max_new_tokens=length - len(ids), seed=seed,
                            sampling=SamplingConfig(temperature=0.8, top_k=50))

@@ -80,7 +80,6 @@ def run_report(run_dir: Path, report_dir: Path) -> str:
 
 def _run_plots(run_dir: Path) -> list[Path]:
     """Curves drawn now from metrics.jsonl, plus every PNG the run (or `lmlab evaluate`) left behind."""
-
     drawn: list[Path] = []
     if (run_dir / "metrics.jsonl").is_file() and plots.read_metrics(run_dir):
         drawn = plots.plot_run(run_dir)
@@ -129,7 +128,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _kv_table(data: dict[str, Any]) -> str:
-
     lines = ["| key | value |", "|---|---|"]
     for key, value in data.items():
         shown = json.dumps(value) if isinstance(value, (dict, list)) else format_value(value)

@@ -212,7 +212,6 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
 
 def inprocess_runner(recipe: Path, spec: RunSpec) -> None:
     """`lmlab.tasks.pretrain.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
-
     run_recipe(recipe, _run_overrides(spec))
 
 
@@ -369,7 +368,6 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_plots(specs: list[RunSpec], sweep_dir: Path) -> list[Path]:
     """Per-run loss/perplexity curves and overlays by step and by tokens, under <sweep>/plots/."""
-
     runs = {s.name: plots.read_metrics(s.run_dir) for s in specs if (s.run_dir / "metrics.jsonl").is_file()}
     runs = {k: v for k, v in runs.items() if v}
     out = sweep_dir / "plots"

@@ -150,7 +150,6 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -99,7 +99,6 @@ def _interpolate(node: Any, source: str) -> Any:
 
 def _lookup_var(name: str, source: str) -> str:
     if name == "data_dir" or (name == "LMLAB_DATA" and name not in os.environ):
-
         return str(data_dir())
     if name not in os.environ:
         raise ConfigError(f"{source}: ${{{name}}} is not set in the environment")
@@ -127,7 +126,6 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", pref
 
 def _split_model_overrides(data: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
     """`model: {init: ..., n_layers: 1}`: keys that are ModelConfig fields become overrides."""
-
     own = {f.name for f in dataclasses.fields(ModelSection)}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     out = {k: v for k, v in data.items() if k in own}
@@ -210,7 +208,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), so the run folder says exactly what ran."""
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

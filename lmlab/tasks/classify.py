@@ -107,7 +107,6 @@ def input_format(cfg: ClassifyConfig, tokenizer, names: list[str]) -> PromptForm
 
 def run_one(cfg: ClassifyConfig, out: Path) -> dict[str, Any]:
     """One seed: train (unless zero-shot), predict dev/test, write the run folder; returns metrics."""
-
     t0 = time.perf_counter()
     precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
     if cfg.train.threads:
@@ -151,7 +150,6 @@ def build_classifier(cfg: ClassifyConfig, backbone: nn.Module, n_labels: int) ->
     """Backbone + head; for LoRA, adapters on the target layers with the head trainable beside them."""
     model = SequenceClassifier(backbone, n_labels, cfg.classify.dropout, cfg.classify.pooling)
     if cfg.classify.method == "lora":
-
         lc = cfg.lora
         apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
                                      trainable=["head"], use_rslora=lc.use_rslora))
@@ -234,7 +232,6 @@ def _zero_shot_predictor(cfg: ClassifyConfig, model: nn.Module, tokenizer, preci
 def zero_shot_verbalizers(cfg: ClassifyConfig, tokenizer) -> list[list[int]]:
     names = read_label_names(cfg.data.label_names)
     if cfg.data.sst2:
-
         names = SST2_NAMES
     words = cfg.classify.verbalizers or [n if cfg.classify.chat else " " + n for n in names]
     if len(words) != len(names):
@@ -250,7 +247,6 @@ def _evaluate_split(cfg: ClassifyConfig, name: str, splits: Splits, preds: list[
         return {"n": len(preds), "labels_hidden": True}
     metrics = classification_metrics(data.labels, preds, splits.label_names)
     try:
-
         plot_confusion_matrix(metrics["confusion"], splits.label_names, out / f"confusion_{name}.png",
                               title=f"{name}: accuracy {metrics['accuracy']:.3f}")
     except ImportError:  # matplotlib missing: the numbers are in metrics.json anyway
@@ -279,10 +275,8 @@ def save_classifier(cfg: ClassifyConfig, model: SequenceClassifier, tokenizer, l
             "template": cfg.classify.template, "chat": cfg.classify.chat, "system": cfg.classify.system,
             "max_len": cfg.data.max_len, "truncation": cfg.data.truncation}
     if cfg.classify.method == "lora":
-
         save_lora(model, out / "adapter")
     else:
-
         save_checkpoint(model.backbone, out / "model", tokenizer=tokenizer)
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         atomic_write(out / HEAD_WEIGHTS, lambda tmp: save_file(head, str(tmp)))
@@ -303,7 +297,6 @@ def load_classifier(run_dir: str | Path, device: str = "cpu") -> tuple[SequenceC
     loaded = load_model(spec, device=device, dtype=torch.float32, tokenizer=meta["tokenizer"] or None)
     model = SequenceClassifier(loaded.model, len(meta["label_names"]), meta["dropout"], meta["pooling"])
     if meta["method"] == "lora":
-
         load_adapter(model, run_dir / "adapter")
     else:
         model.head.load_state_dict(load_file(str(run_dir / HEAD_WEIGHTS)))
@@ -356,7 +349,6 @@ def results_markdown(summary: dict[str, Any]) -> str:
 
 
 def run_recipe(path: str | Path | None, overrides: list[str] = (), seeds: list[int] | None = None) -> dict[str, Any]:
-
     return run_classify(load_config(path, list(overrides), schema=ClassifyConfig), seeds)
 
 

@@ -43,7 +43,6 @@ from lmlab.weights.checkpoint import load_checkpoint, model_state
 
 def build_model(section: ModelSection, vocab_size: int | None = None) -> nn.Module:
     """A fresh preset (vocab from the tokenizer unless overridden) or a checkpoint, with overrides."""
-
     overrides = dict(section.overrides)
     if section.init.startswith("preset:"):
         if vocab_size and section.vocab_from_tokenizer and "vocab_size" not in overrides:
@@ -79,7 +78,6 @@ def run_recipe(path: str | Path | None, overrides: list[str] = ()) -> Path:
 
 
 def run_config(cfg: RunConfig) -> Path:
-
     t0 = time.perf_counter()
     dist, device_name = setup_distributed(cfg.precision.device, cfg.distributed.backend)
     precision = Precision(resolve_device(device_name), cfg.precision.dtype)  # rejects bad combos first
@@ -164,7 +162,6 @@ def _max_steps(cfg: RunConfig, train_data: Any, layout: Any, n_tokens: int, seq_
 
 def finish(cfg: RunConfig, out: Path, model: nn.Module, tokenizer: Any, result: FitResult, wall_s: float) -> None:
     """summary.json (+ samples.txt), and one printed line with the result and the time it took."""
-
     p = result.progress
     summary = dict(
         val_loss=result.val_loss, val_ppl=math.exp(result.val_loss) if result.val_loss is not None else None,
@@ -185,7 +182,6 @@ def finish(cfg: RunConfig, out: Path, model: nn.Module, tokenizer: Any, result: 
 
 def sample_text(model: nn.Module, tokenizer: Any, cfg: RunConfig) -> str:
     """Continue each prompt of `cfg.sample` (seeded); returns the text written to samples.txt."""
-
     s = cfg.sample
     gen = GenerationConfig(
         max_new_tokens=s.max_new_tokens, seed=cfg.train.seed,

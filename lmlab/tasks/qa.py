@@ -143,7 +143,6 @@ class Router:
 
     def answer(self, records: Sequence[Record], seed: int = 0) -> list[tuple[str, Answer]]:
         """(task, answer) per request, in order; requests are grouped per adapter."""
-
         routed = [self.route(r) for r in records]
         out: list[tuple[str, Answer] | None] = [None] * len(records)
         for task in dict.fromkeys(routed):
@@ -232,7 +231,6 @@ def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record], b
 
 def _precision(model: nn.Module, precision: Any) -> Any:
     """The given Precision, or fp32 on the model's device."""
-
     return precision if precision is not None else Precision(next(model.parameters()).device)
 
 

@@ -87,7 +87,6 @@ def perplexities(model: nn.Module, examples: list[Example], pad_id: int, batch_s
 
 def read_records(source: str, paths: list[str]) -> list[Record]:
     """Records of every file, pooled; the reader is chosen by `data.source`."""
-
     readers = {"alpaca": read_alpaca, "mcq": qa.mcq_records, "saq": qa.saq_records,
                "dialogsum": tasks.dialogsum_records, "gsm8k": tasks.gsm8k_records, "sst2": tasks.sst2_records}
     if source not in readers:
@@ -126,7 +125,6 @@ def load_splits(cfg: SFTConfig) -> tuple[list[Record], list[Record], list[Record
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train one adapter; returns the summary (also written to summary.json)."""
-
     t0 = time.perf_counter()
     out, name = Path(cfg.out_dir), cfg.adapter or cfg.data.source
     precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)

@@ -99,7 +99,6 @@ class Checkpointer:
 
         rng = _gather_rng()  # collectives: every rank calls save
         if self.trainable_only:
-
             model, optim_state = unwrap(model), optimizer.state_dict()
         else:
             model, optim_state = _full_states(model, optimizer)

@@ -72,7 +72,6 @@ def load_model(
     elif Path(spec).exists():
         loaded = _load_path(Path(spec), device, dtype)
     else:
-
         if not looks_like_hub_name(spec):
             raise CheckpointError(f"{spec}: no such file or folder (expected {EXPECTED})")
         loaded = _load_path(snapshot(spec), device, dtype)
@@ -92,7 +91,6 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-
     model = Transformer(get_preset(name)).to(device=device, dtype=dtype or torch.float32).eval()
     return LoadedModel(model, None, f"preset:{name}", "preset")
 
@@ -105,11 +103,9 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
 
     suffix = path.suffix.lower()
     if suffix == ".gguf":
-
         config, state, tok = load_gguf(path, dtype=dtype or torch.float32)
         return LoadedModel(build_model(config, state, str(path), device=device), tok, str(path), "gguf")
     if suffix in (".bin", ".pt", ".pth"):
-
         config, state = load_llama2c_pt(path) if suffix != ".bin" else load_llama2c_bin(path)
         model = build_model(config, state, str(path), device=device, dtype=dtype or torch.float32)
         kind = "llama2c" if suffix == ".bin" else "llama2c-pt"
@@ -118,12 +114,10 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
 
 
 def _load_dir(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-
     if is_checkpoint(path):
         model = load_checkpoint(path, device=device, dtype=dtype).eval()
         return LoadedModel(model, _tokenizer_in(path), str(path), "lmlab")
     if is_hf_dir(path):
-
         config, state = load_hf(path)
         model = build_model(config, state, str(path), device=device, dtype=dtype or torch.float32)
         return LoadedModel(model, _tokenizer_in(path), str(path), "hf")
@@ -135,14 +129,12 @@ def _load_dir(path: Path, device: str | torch.device, dtype: torch.dtype | None)
 
 def _tokenizer_in(folder: Path) -> Any:
     """The tokenizer saved in a model folder, or None when it has no tokenizer files."""
-
     names = (SIDECAR, "tokenizer.json", "tokenizer.model", "tokenizer.bin", "vocab.json")
     return load_tokenizer(folder) if any((folder / n).is_file() for n in names) else None
 
 
 def _tokenizer_beside(checkpoint: Path) -> Any:
     """llama2.c keeps tokenizers next to checkpoints: tokenizer.bin, tok512.bin, tok512.model..."""
-
     for pattern in LLAMA2C_TOKENIZERS:
         found = sorted(p for p in checkpoint.parent.glob(pattern) if p != checkpoint)
         if found:
@@ -152,7 +144,6 @@ def _tokenizer_beside(checkpoint: Path) -> Any:
 
 def _as_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, Path)):
-
         return load_tokenizer(tokenizer)
     return tokenizer
 
@@ -168,7 +159,6 @@ def convert(spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtyp
         raise ConfigError(f"--to {to!r}: expected one of {list(CONVERT_TARGETS)}")
     loaded = load_model(spec, dtype=dtype)
     if to == "hf":
-
         return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer)
 
     return save_checkpoint(loaded.model, out_dir, tokenizer=loaded.tokenizer,
