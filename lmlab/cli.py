@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="lmlab: a language-model lab.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(lmlab.commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # shared helpers, not commands
+            continue
         module = importlib.import_module(f"lmlab.commands.{info.name}")
         module.register(sub)
     return parser
@@ -21,7 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after flags (`--seeds 0,1 train.epochs=1`): argparse stops collecting
+    # positionals at the first flag, so the rest arrive here
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)  # the usual "unrecognized arguments" error and exit status 2
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2)

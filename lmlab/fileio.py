@@ -5,11 +5,16 @@ Write to a temp file in the same folder, fsync it, then rename over the target (
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from lmlab.errors import LmlabError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -68,3 +73,34 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+LOCK_FILE = ".lmlab.lock"
+
+
+class FolderLock:
+    """An exclusive lock on a run folder for as long as one lmlab process writes it (flock: released by
+    the kernel when the process dies, so a killed run never leaves a stale lock). A second writer gets
+    an error naming the holder instead of tearing metrics.jsonl and the checkpoints."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise LmlabError(f"{folder}: another lmlab run is writing this folder ({holder}); "
+                             "wait for it to finish or use another out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()

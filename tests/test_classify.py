@@ -74,7 +74,7 @@ def task(tmp_path_factory) -> dict[str, Path]:
 def config(task: dict[str, Path], out: Path, method: str, **train) -> ClassifyConfig:
     overrides = [f"out_dir={out}", f"model.spec={task['model']}", f"data.train={task['train']}",
                  f"data.dev={task['train']}", f"data.test={task['train']}", f"data.label_names={task['labels']}",
-                 f"classify.method={method}", "data.max_len=64", "train.batch_size=12", "train.warmup_fraction=0",
+                 f"classify.method={method}", "data.max_len=64", "train.batch_size=12", "schedule.warmup_fraction=0",
                  "precision.device=cpu", "logging.progress=false", "logging.log_every=1", "classify.dropout=0.0",
                  *[f"{k}={v}" for k, v in train.items()]]
     return load_config(None, overrides, schema=ClassifyConfig)

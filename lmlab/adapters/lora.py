@@ -14,13 +14,11 @@ model alone (DPO's reference model for free). The model file never imports this 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,56 +26,10 @@ import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
 from lmlab.model.transformer import unwrap
+from lmlab.schema.sections import LoRAConfig
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-@dataclass
-class LoRAConfig:
-    """One adapter's shape and where it goes; saved in adapter_config.json."""
-
-    rank: int = 8
-    """r, the rank of B A. Higher = more capacity and more parameters (r * (in + out) per layer)."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = 0.0
-    """Dropout on the LoRA path's input only (the base path never sees it)."""
-    target_modules: list[str] = field(default_factory=lambda: ["wq", "wv"])
-    """nn.Linear names to adapt: a leaf name ("wq", "w1", "output") or a dotted suffix/full path
-    ("layers.0.attention.wq"). Attention: wq wk wv wo; MLP: w1 w2 w3; head: output."""
-    trainable: list[str] = field(default_factory=list)
-    """Extra modules (any type, same matching) that stay trainable and are saved with the adapter,
-    e.g. a classification head "head"."""
-    use_rslora: bool = False
-    """Rank-stabilized scaling alpha / sqrt(r), so higher ranks keep learning (Kalajdzievski 2023)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"lora.rank={self.rank!r}: expected a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={self.dropout!r}: expected 0 <= dropout < 1")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ConfigError(f"lora.target_modules={self.target_modules!r}: expected a non-empty list of names")
-        if isinstance(self.trainable, str):
-            raise ConfigError(f"lora.trainable={self.trainable!r}: expected a list of module names")
-        self.target_modules, self.trainable = list(self.target_modules), list(self.trainable)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "lora config") -> "LoRAConfig":
-        """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown LoRA config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
 
 
 class LoRALinear(nn.Module):

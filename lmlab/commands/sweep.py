@@ -37,6 +37,16 @@ def _ints(text: str, flag: str) -> list[int]:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
 
 
+def inprocess_runner(recipe: Path, spec) -> None:
+    """One sweep point as a pretraining run inside this process: no start-up cost, for tiny sweeps."""
+    from lmlab.evaluation.sweep import run_overrides
+    from lmlab.schema.load import load_config
+    from lmlab.schema.pretrain import PretrainConfig
+    from lmlab.tasks.pretrain import run_pretrain
+
+    run_pretrain(load_config(recipe, run_overrides(spec), schema=PretrainConfig))
+
+
 def run(args: argparse.Namespace) -> int:
     from lmlab.evaluation import sweep
 
@@ -68,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.in_process:
         if cfg.jobs > 1 or len(set(cfg.devices)) > 1:
             raise ConfigError("--in-process runs one point at a time on one device: drop --jobs/--devices")
-        runner = sweep.inprocess_runner
+        runner = inprocess_runner
     result = sweep.run_sweep(cfg, Path(recipe), runner)
     print(f"ran {len(result.ran)}, skipped {len(result.skipped)}, failed {len(result.failed)}")
     for path in result.tables:

@@ -198,7 +198,7 @@ class PaddedChunks:
         return collate_chunks(self.tokens, picked, self.seq_len, self.pad_id)
 
 
-def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str, *, pad_id: int = 0,
+def token_eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str, *, pad_id: int = 0,
                  max_batches: int = 0, rank: int = 0, world: int = 1) -> list[Batch]:
     """A fixed validation set: non-overlapping windows (random mode) or every chunk (chunks mode),
     in global batches of batch_size * world (the first `max_batches` of them; 0 = all), each process

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -30,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.batch import IGNORE_INDEX
+from lmlab.data.batch import IGNORE_INDEX, pad_id_of
 from lmlab.data.corpus import read_documents
-from lmlab.data.pretrain import eval_batches, prepare_data
+from lmlab.data.pretrain import prepare_data, token_eval_batches
 from lmlab.errors import ConfigError, DataError
 from lmlab.evaluation.plots import plot_lines, plot_loss_by_position
 from lmlab.evaluation.sweep import markdown_table
@@ -42,6 +43,7 @@ from lmlab.generation.sampling import SamplingConfig
 from lmlab.model.kv_cache import KVCache
 from lmlab.precision import DTYPES, Precision, resolve_device
 from lmlab.schema.load import load_config
+from lmlab.schema.pretrain import PretrainConfig
 from lmlab.train.loop import evaluate
 from lmlab.train.losses import lm_loss
 from lmlab.weights.checkpoint import load_checkpoint
@@ -267,7 +269,7 @@ def run_validation_tokens(run_dir: Path) -> tuple[Any, Any, Any]:
     """(config, tokenizer, validation TokenSplit) of a run, rebuilt from its config.yaml the way
     `lmlab run` builds them (the token cache makes this a lookup, not a re-tokenization)."""
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", schema=PretrainConfig)
     tokenizer, _, val = prepare_data(cfg.data)
     return cfg, tokenizer, val
 
@@ -281,8 +283,6 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def _checkpoint_step(folder: Path) -> int | None:
-    import json
-
     meta = folder / "meta.json"
     if meta.is_file():
         return json.loads(meta.read_text()).get("step")
@@ -301,10 +301,9 @@ def evaluate_run(run_dir: str | Path, device: str = "cpu", dtype: str = "fp32", 
     for folder in folders:
         model = load_checkpoint(folder, device=precision.device)
         seq_len = cfg.data.seq_len or model.config.max_seq_len
-        pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-        batches = eval_batches(val, seq_len, cfg.train.batch_size, cfg.data.sampling, pad_id=pad_id,
-                               max_batches=max_batches or cfg.data.val_batches)
-        loss = evaluate(model, lm_loss, batches, precision)
+        batches = token_eval_batches(val, seq_len, cfg.train.batch_size, cfg.data.sampling, pad_id=pad_id_of(tok),
+                                     max_batches=max_batches or cfg.data.val_batches)
+        loss = evaluate(model, lm_loss, batches, precision)["loss"]
         rows.append(dict(checkpoint=folder.name, step=_checkpoint_step(folder), val_loss=loss, val_ppl=math.exp(loss)))
     out = run_dir / "eval"
     csv_path = out / "checkpoints.csv"

@@ -36,42 +36,42 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.evaluation import plots
 from lmlab.fileio import atomic_write_text
-from lmlab.schema.load import load_config, parse_scalar, save_config
-from lmlab.tasks.pretrain import run_recipe
+from lmlab.schema.load import Section, load_config, parse_scalar, save_config
+from lmlab.schema.pretrain import PretrainConfig
 
 SUMMARY = "summary.json"
 
 
-@dataclass
-class SweepConfig:
+class SweepConfig(Section):
     """A sweep: base recipe, points, seeds and where the runs go."""
 
     recipe: str = ""
     """Base recipe YAML (a path relative to the sweep file, or absolute)."""
     out_dir: str = ""
     """Sweep folder holding one folder per run; empty = runs/sweeps/<sweep file name>."""
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list)
     """`a.b=c` overrides applied to every run, before the point's own."""
-    points: dict[str, list[str]] = field(default_factory=dict)
+    points: dict[str, list[str]] = Field(default_factory=dict)
     """Named points, each a list of `a.b=c` overrides (empty list = the recipe as is)."""
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
     """Dotted key -> values; every combination is a point, crossed with the named points."""
-    seeds: list[int] = field(default_factory=list)
+    seeds: list[int] = Field(default_factory=list)
     """Run every point once per seed (set through `seed_key`); empty = the recipe's seed."""
     seed_key: str = "train.seed"
     """The recipe key a seed is written to."""
-    devices: list[str] = field(default_factory=list)
+    devices: list[str] = Field(default_factory=list)
     """Devices given to the runs round-robin (as `precision.device`); empty = the recipe's."""
-    jobs: int = 1
+    jobs: int = Field(1, ge=1)
     """Runs at the same time (separate processes)."""
-    metrics: list[str] = field(default_factory=lambda: ["val_loss", "val_ppl", "train_loss", "wall_time_s",
+    metrics: list[str] = Field(default_factory=lambda: ["val_loss", "val_ppl", "train_loss", "wall_time_s",
                                                          "tokens_seen", "n_params"])
     """summary.json keys shown in the Markdown tables (the CSV keeps every scalar)."""
-    after: list[str] = field(default_factory=list)
+    after: list[str] = Field(default_factory=list)
     """lmlab commands run once all runs are done; `{sweep_dir}` is replaced by the sweep folder."""
 
 
@@ -108,9 +108,12 @@ def is_sweep_file(path: str | Path) -> bool:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, Path]:
-    """The sweep config (strict, like a recipe) and the resolved base recipe path."""
+    """The sweep config (strict, like a recipe) and the resolved base recipe path. An override of a sweep
+    key (`jobs=2`) changes the sweep; any other (`train.max_steps=100`) is a recipe override for every run."""
     path = Path(path)
-    cfg = load_config(path, list(overrides), schema=SweepConfig)
+    own = [o for o in overrides if o.partition("=")[0].split(".")[0].strip() in SweepConfig.model_fields]
+    cfg = load_config(path, own, schema=SweepConfig)
+    cfg.overrides = [*cfg.overrides, *(o for o in overrides if o not in own)]
     if not cfg.recipe:
         raise ConfigError(f"{path}: `recipe` is empty; expected the base recipe YAML")
     recipe = Path(cfg.recipe)
@@ -167,7 +170,7 @@ def plan(cfg: SweepConfig, recipe: Path, source: str = "sweep") -> list[RunSpec]
         raise ConfigError(f"{source}: two points share a run name: {sorted(n for n in names if names.count(n) > 1)}")
     _assign_devices(specs, cfg)
     for spec in specs:  # a typo in a grid key fails here, not after an hour of other runs
-        load_config(recipe, _run_overrides(spec))
+        load_config(recipe, run_overrides(spec), schema=PretrainConfig)
     return specs
 
 
@@ -180,7 +183,7 @@ def _assign_devices(specs: list[RunSpec], cfg: SweepConfig) -> None:
             spec.overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // cfg.jobs)}")
 
 
-def _run_overrides(spec: RunSpec) -> list[str]:
+def run_overrides(spec: RunSpec) -> list[str]:
     """The overrides a run is launched with: the point's, then its folder and device (these win)."""
     ovs = [*spec.overrides, f"out_dir={spec.run_dir}"]
     if spec.device:
@@ -200,7 +203,7 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
     """`python -m lmlab run RECIPE overrides...`, output to <sweep>/logs/<name>.log."""
     log = spec.run_dir.parent / "logs" / f"{spec.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "lmlab", "run", str(recipe), *_run_overrides(spec)]
+    cmd = [sys.executable, "-m", "lmlab", "run", str(recipe), *run_overrides(spec)]
     with open(log, "w") as out:
         out.write("$ " + shlex.join(cmd) + "\n")
         out.flush()
@@ -208,11 +211,6 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
     if code != 0:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         raise RunFailed(f"run {spec.name} exited with status {code} (see {log}): {tail[0]}")
-
-
-def inprocess_runner(recipe: Path, spec: RunSpec) -> None:
-    """`lmlab.tasks.pretrain.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
-    run_recipe(recipe, _run_overrides(spec))
 
 
 @dataclass

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.model.config import get_preset
+from lmlab.model.config import ModelConfig, get_preset
 from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
 from lmlab.precision import DTYPES
 from lmlab.tokenization import SIDECAR, load_tokenizer
 from lmlab.weights.build import build_model
-from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint, model_state, save_checkpoint
 from lmlab.weights.gguf import load_gguf
 from lmlab.weights.hf import is_hf_dir, load_hf, save_hf
 from lmlab.weights.hub import looks_like_hub_name, snapshot
@@ -56,28 +56,46 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
+    overrides: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
 ) -> LoadedModel:
     """Load a model from any spec lmlab understands (see the module docstring).
 
     dtype: a torch dtype or fp32/bf16/fp16; None means float32 (quantized GGUF tensors are dequantized
     straight into it). tokenizer: a Tokenizer, or a path for `lmlab.tokenization.load_tokenizer`;
-    overrides the one found with the model.
+    overrides the one found with the model. overrides: ModelConfig fields to change (a preset is built
+    with them; loaded weights go into a model of the changed config, e.g. another dropout). vocab_size:
+    the tokenizer's size: a preset is built with it, a loaded model must have at least that many rows.
     """
     dtype = _resolve_dtype(dtype)
-    spec = str(spec)
-    if spec in REGISTRY:
+    spec, overrides = str(spec), dict(overrides or {})
+    if spec.startswith("preset:"):
+        if vocab_size and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        loaded = _load_preset(spec.removeprefix("preset:"), device, dtype, overrides)
+    elif spec in REGISTRY:
         loaded = _load_path(REGISTRY[spec](), device, dtype)
-    elif spec.startswith("preset:"):
-        loaded = _load_preset(spec.removeprefix("preset:"), device, dtype)
     elif Path(spec).exists():
         loaded = _load_path(Path(spec), device, dtype)
     else:
         if not looks_like_hub_name(spec):
             raise CheckpointError(f"{spec}: no such file or folder (expected {EXPECTED})")
         loaded = _load_path(snapshot(spec), device, dtype)
+    if overrides and loaded.kind != "preset":
+        loaded.model = _with_overrides(loaded.model, overrides, spec)
+    if vocab_size and loaded.model.config.vocab_size < vocab_size:
+        raise ConfigError(f"model.spec={spec}: vocab_size {loaded.model.config.vocab_size} is smaller than the "
+                          f"tokenizer's {vocab_size}")
     if tokenizer is not None:
         loaded.tokenizer = _as_tokenizer(tokenizer)
     return loaded
+
+
+def _with_overrides(model: Transformer, overrides: dict[str, Any], source: str) -> Transformer:
+    """The same weights in a model of the changed config (shapes must still match: dropout, window...)."""
+    config = ModelConfig.from_dict({**model.config.to_dict(), **overrides}, source=f"{source} with overrides")
+    device = next(model.parameters()).device
+    return build_model(config, model_state(model), source, device=device).train(model.training)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -90,8 +108,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
-def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-    model = Transformer(get_preset(name)).to(device=device, dtype=dtype or torch.float32).eval()
+def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | None,
+                 overrides: dict[str, Any]) -> LoadedModel:
+    model = Transformer(get_preset(name, **overrides)).to(device=device, dtype=dtype or torch.float32).eval()
     return LoadedModel(model, None, f"preset:{name}", "preset")
 
 
