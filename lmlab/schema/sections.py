@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, model_serializer, model_validator
 
 from lmlab.errors import ConfigError
-from lmlab.model.config import ModelConfig
+from lmlab.model.config import ModelConfig, check_range
 from lmlab.schema.load import Section, validate
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -56,6 +56,7 @@ class ModelSection(Section):
             except ValidationError:
                 hint = str(_MODEL_HINTS[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
                 raise ValueError(f"model.{key}={value!r}: expected {hint}, got {type(value).__name__}") from None
+            check_range(key, value)
         if "overrides" in out or overrides:
             out["overrides"] = overrides
         return out
