@@ -127,26 +127,35 @@ def solve(model: nn.Module, tokenizer: Any, template: Template, items: Sequence[
     return sample_texts(model, tokenizer, prompts, gen, k, seeds, batch_prompts=max(1, g.batch_size // k))
 
 
+PROMPT_KEYS = ("template", "custom_template", "response_marker", "system")
+
+
 def _meta(cfg: VerifierConfig, part: str) -> dict[str, Any]:
-    """What a cached sample file depends on: the generator, the problems and the prompt format."""
+    """What a sample file depends on: the generator, the problems and the prompt format (not how the
+    verifier trains on it)."""
     d = to_dict(cfg)
-    keep = {"generator": d["generator"], "data": {k: v for k, v in d["data"].items() if k != "max_len"}}
+    data = [*PROMPT_KEYS, "train_path", "problems", "gold", "seed"] if part == "train" else [*PROMPT_KEYS, "test_path"]
+    keep = {"generator": d["generator"], "data": {k: d["data"][k] for k in data}}
     if part == "test":
         keep["eval"] = {k: d["eval"][k] for k in ("problems", "samples", "greedy", "seed")}
     return keep
 
 
+def _changed(path: Path, want: dict[str, Any]) -> list[str] | None:
+    """The settings in `want` that the sample file's meta.json records differently; None without one."""
+    if not path.is_file():
+        return None
+    have = json.loads(path.read_text())
+    return sorted(f"{s}.{k}" for s in want for k in want[s] if want[s][k] != have.get(s, {}).get(k))
+
+
 def _check_meta(path: Path, want: dict[str, Any], what: str) -> bool:
     """True when `path` holds the meta of these settings; a different one is an error naming the keys."""
-    if not path.is_file():
-        return False
-    have = json.loads(path.read_text())
-    if have == want:
-        return True
-    changed = sorted(f"{s}.{k}" for s in want for k in set(want[s]) | set(have.get(s, {}))
-                     if want[s].get(k) != have.get(s, {}).get(k))
-    raise ConfigError(f"{path.parent}: holds {what} made with other settings ({', '.join(changed[:8])}); "
-                      "use another out_dir (or the same settings)")
+    changed = _changed(path, want)
+    if changed:
+        raise ConfigError(f"{path.parent}: holds {what} made with other settings ({', '.join(changed[:8])}); "
+                          "use another out_dir (or the same settings)")
+    return changed is not None
 
 
 # ---------------------------------------------------------------------------------------------------- sample
@@ -357,7 +366,7 @@ def test_solutions(cfg: VerifierConfig, items: list[tuple[int, Record]], device:
     out = Path(cfg.out_dir) / "eval"
     meta = _meta(cfg, "test")
     cache = out / "test_samples.jsonl"
-    if cache.is_file() and (out / META).is_file() and json.loads((out / META).read_text()) == meta:
+    if cache.is_file() and _changed(out / META, meta) == []:  # other settings: sampled again
         return [json.loads(line) for line in cache.read_text().splitlines()]
     model, tok = load_generator(cfg, device)
     template = make_template(cfg.data)
