@@ -98,7 +98,8 @@ def test_generate_keeps_the_continuations_leading_space(shared_data: Path, tmp_p
 
 
 def test_perplexity_scores_each_document_with_its_bos(shared_data: Path, capsys) -> None:
-    spec, data = str(shared_data / "stories260K" / "stories260K.bin"), shared_data / "tinystories" / "tinystories_sample.txt"
+    spec = str(shared_data / "stories260K" / "stories260K.bin")
+    data = shared_data / "tinystories" / "tinystories_sample.txt"
     assert run_cli(["perplexity", spec, "--data", str(data), "--context", "128", "--stride", "64", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     loaded = load_model(spec)

@@ -6,6 +6,7 @@ and the data are the first lines of the real SST files, so each command runs in 
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -50,7 +51,8 @@ def project(tmp_path: Path, shared_data: Path, monkeypatch) -> Path:
     for name in ("sst-train.txt", "sst-dev.txt", "sst-test.txt"):
         lines = (shared_data / "sst5" / name).read_text().splitlines()[::97][:12]  # every label appears
         (tmp_path / "data" / name).write_text("\n".join(lines) + "\n")
-    (tmp_path / "data" / "sst-label-mapping.json").write_text((shared_data / "sst5" / "sst-label-mapping.json").read_text())
+    mapping = (shared_data / "sst5" / "sst-label-mapping.json").read_text()
+    (tmp_path / "data" / "sst-label-mapping.json").write_text(mapping)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -70,17 +72,19 @@ def test_a_llama2c_pt_loads_into_the_assignments_model(project: Path) -> None:
     assert len(norms) == 3 and all(n.bias is None for n in norms)  # 2 per layer + the final one, gain only
     assert loaded.tokenizer.vocab_size == 32000  # the Llama 2 tokenizer.model
     raw = torch.load("stories42M.pt", weights_only=True)["model"]
-    torch.testing.assert_close(loaded.model.state_dict()["layers.0.attention.wq.weight"], raw["layers.0.attention.wq.weight"])
+    wq = "layers.0.attention.wq.weight"
+    torch.testing.assert_close(loaded.model.state_dict()[wq], raw[wq])
     with pytest.raises(Exception, match="tinyllamas"):
         model_source("missing/stories42M.pt")
 
 
 def test_generate_from_the_repo_root_writes_both_sentences(project: Path) -> None:
     low, high = project / "generated-sentence-temp-0.txt", project / "generated-sentence-temp-1.txt"
-    cmd = [sys.executable, "run_llama.py", "--option", "generate", "--pretrained-model-path", str(project / "stories42M.pt"),
+    cmd = [sys.executable, "run_llama.py", "--option", "generate",
+           "--pretrained-model-path", str(project / "stories42M.pt"),
            "--generated_sentence_low_temp_out", str(low), "--generated_sentence_high_temp_out", str(high)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     for path in (low, high):
         text = path.read_text()
@@ -89,11 +93,11 @@ def test_generate_from_the_repo_root_writes_both_sentences(project: Path) -> Non
 
 
 SEED_COMMANDS = {  # the README's commands, with --pretrained-model-path and a training cap added
-    "prompt": "--option prompt --batch_size 10 --train data/sst-train.txt --dev data/sst-dev.txt --test data/sst-test.txt "
-              "--label-names data/sst-label-mapping.json --dev_out sst-dev-prompting-output.txt "
-              "--test_out sst-test-prompting-output.txt",
-    "finetune": "--option finetune --epochs 5 --lr 2e-5 --batch_size 80 --train data/sst-train.txt --dev data/sst-dev.txt "
-                "--test data/sst-test.txt --label-names data/sst-label-mapping.json "
+    "prompt": "--option prompt --batch_size 10 --train data/sst-train.txt --dev data/sst-dev.txt "
+              "--test data/sst-test.txt --label-names data/sst-label-mapping.json "
+              "--dev_out sst-dev-prompting-output.txt --test_out sst-test-prompting-output.txt",
+    "finetune": "--option finetune --epochs 5 --lr 2e-5 --batch_size 80 --train data/sst-train.txt "
+                "--dev data/sst-dev.txt --test data/sst-test.txt --label-names data/sst-label-mapping.json "
                 "--dev_out sst-dev-finetuning-output.txt --test_out sst-test-finetuning-output.txt",
     "lora": "--option lora --epochs 5 --lr 2e-5 --batch_size 80 --train data/sst-train.txt --dev data/sst-dev.txt "
             "--test data/sst-test.txt --label-names data/sst-label-mapping.json --dev_out sst-dev-lora-output.txt "

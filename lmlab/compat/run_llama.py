@@ -183,4 +183,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["get_args", "build_config", "main", "model_source", "resolve_data_path"]
+__all__ = ["build_config", "get_args", "main", "model_source", "resolve_data_path"]
