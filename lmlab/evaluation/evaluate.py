@@ -38,7 +38,7 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.evaluation.plots import plot_lines, plot_loss_by_position
 from lmlab.evaluation.sweep import markdown_table
 from lmlab.fileio import atomic_write_text
-from lmlab.generation.generate import GenerationConfig, generate_ids
+from lmlab.generation.generate import GenerationConfig, generate, generate_ids
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.model.kv_cache import KVCache
 from lmlab.precision import DTYPES, Precision, resolve_device
@@ -352,6 +352,39 @@ def evaluate_run(run_dir: str | Path, device: str = "cpu", dtype: str = "fp32", 
     png = plot_lines(lines, out / "checkpoints.png", title=f"validation loss by checkpoint: {run_dir.name}",
                      xlabel="step", ylabel="validation loss (nats/token)", vlines=best, markers=True)
     return csv_path, png
+
+
+def checkpoint_samples(run_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: int = 60,
+                       temperature: float = 0.8, top_k: int | None = 40, seed: int = 0,
+                       device: str = "cpu") -> Path:
+    """Seed 001's generate_from_checkpoints.py: every checkpoint of a run continues the same prompts with the
+    same seed and sampling, side by side -> RUN_DIR/eval/samples.md (a row per prompt, a column per
+    checkpoint; newlines shown as <br>), so what training changed reads across a row."""
+    run_dir = Path(run_dir)
+    folders = checkpoint_dirs(run_dir)
+    if not folders:
+        raise DataError(f"{run_dir}: no checkpoints (expected checkpoints/step_XXXXXXX/ or checkpoints/best/)")
+    if not prompts:
+        raise ConfigError("--samples: give at least one prompt (or a file of prompts, one per line)")
+    gen = GenerationConfig(max_new_tokens, SamplingConfig(temperature=temperature, top_k=top_k), seed=seed)
+    columns: dict[str, list[str]] = {}
+    tokenizer = None
+    for folder in folders:
+        loaded = load_model(folder, device=device)
+        if loaded.tokenizer is None and tokenizer is None:  # checkpoints written without one: the run's
+            tokenizer = run_validation_tokens(run_dir)[1]
+        tok = loaded.tokenizer or tokenizer
+        step = _checkpoint_step(folder)
+        label = f"step {step}" if folder.name.startswith("step_") else f"{folder.name} (step {step})"
+        columns[label] = generate(loaded.model, tok, list(prompts), gen)
+    rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
+    cells = [{k: str(v).replace("\n", "<br>") for k, v in r.items()} for r in rows]
+    settings = (f"{max_new_tokens} tokens per sample, temperature {temperature}, top-k {top_k}, seed {seed}: "
+                "each cell continues its row's prompt")
+    out = run_dir / "eval" / "samples.md"
+    atomic_write_text(out, f"# Samples by checkpoint: {run_dir.name}\n\n{settings}\n\n"
+                           + markdown_table(cells, ["prompt", *columns]) + "\n")
+    return out
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
