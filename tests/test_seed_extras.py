@@ -1,5 +1,7 @@
 """Seed 001's extras: samples from every checkpoint side by side (`lmlab evaluate RUN --samples`), the GPT-2
-LoRA SST-2 baseline recipe (run offline on a random GPT-2 shape), and few-shot prompting from the CLI."""
+LoRA SST-2 baseline recipe (run offline on a random GPT-2 shape). Few-shot prompting from the CLI
+(`lmlab qa eval --shots K`) is tested in tests/test_cli_edges.py, the 12 GB recipe's dry run in
+tests/test_memory.py."""
 
 from __future__ import annotations
 
