@@ -146,7 +146,7 @@ def recipe_overrides(cfg: dict[str, Any]) -> list[str]:
         "data.max_len": t["max_seq_length"],
         "data.max_train": cfg["data"]["max_train"], "data.max_eval": cfg["data"]["max_eval"],
         "logging.log_every": t["logging_steps"], "checkpoint.every": t["save_steps"],
-        "checkpoint.keep_last": t["save_total_limit"], "export_peft": True,
+        "checkpoint.keep_last": t["save_total_limit"], "precision.dtype": _dtype(t, "auto"), "export_peft": True,
     }
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
@@ -162,7 +162,6 @@ def sft_config(cfg: dict[str, Any], config_dir: Path = CONFIG_DIR) -> SFTConfig:
         sft = load_config(recipe, [*overrides, f"out_dir={json.dumps(str(out_dir))}"], schema=SFTConfig)
     except ConfigError as err:
         raise ConfigError(_seed_names(str(err).removeprefix(f"{recipe}: "))) from None
-    sft.precision.dtype = _dtype(cfg["training"], sft.precision.device)
     return sft
 
 
