@@ -195,6 +195,16 @@ def _llama_base(model: nn.Module) -> nn.Module:
     return raw
 
 
+def peft_unsupported(model: nn.Module) -> str | None:
+    """Why `export_peft` cannot write this model's adapters (attention sinks, experts, GPT-2's fused
+    attention: Hugging Face has no such module), or None when it can."""
+    try:
+        _llama_base(model)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def _rope_heads(model: nn.Module, path: str) -> int | None:
     """Heads to permute over for LoRA B of this module (None when its rows carry no RoPE)."""
     c = model.config
@@ -298,6 +308,6 @@ def import_peft(model: nn.Module, adapter_dir: str | Path, name: str = DEFAULT) 
 
 
 __all__ = [
-    "save_adapter", "save_merged", "save_lora", "load_adapter", "export_peft", "import_peft",
+    "save_adapter", "save_merged", "save_lora", "load_adapter", "export_peft", "import_peft", "peft_unsupported",
     "hf_module_name", "lmlab_module_name",
 ]

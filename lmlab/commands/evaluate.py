@@ -23,7 +23,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=int, default=8, help="long windows to average (with --long-context)")
     p.add_argument("--prompt", default="The", help="generation prompt (with --long-context)")
     p.add_argument("--out", default="", help="output folder for --long-context (default FOLDER/eval)")
+    p.add_argument("--samples", action="append", default=[], metavar="PROMPTS",
+                   help="instead of losses: continue these prompts from every checkpoint, side by side "
+                   "(RUN_DIR/eval/samples.md); a prompt, or a file of prompts one per line; repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=60, help="tokens per sample (with --samples)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --samples)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every checkpoint (--samples)")
     p.set_defaults(func=run)
+
+
+def _prompts(items: list[str]) -> list[str]:
+    """Each --samples value: a file's non-empty lines, or the prompt itself."""
+    out: list[str] = []
+    for item in items:
+        path = Path(item)
+        out += [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else [item]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from lmlab.evaluation import evaluate
 
     folder = Path(args.folder)
+    if args.samples:
+        path = evaluate.checkpoint_samples(folder, _prompts(args.samples), max_new_tokens=args.max_new_tokens,
+                                           temperature=args.temperature, seed=args.seed, device=args.device)
+        print(path.read_text())
+        print(f"wrote {path}")
+        return 0
     if args.long_context:
         runs = [folder] if evaluate.checkpoint_dirs(folder) else sorted(
             d for d in folder.iterdir() if d.is_dir() and evaluate.checkpoint_dirs(d))

@@ -76,8 +76,9 @@ def run(args: argparse.Namespace) -> None:
 
         quantize_int8(loaded.model, dtype)  # computes in the resolved dtype (bf16 or fp32)
     load_s = time.perf_counter() - t0
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p if args.temperature else None,
-                              args.min_p, args.epsilon, args.repetition_penalty)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p if args.temperature else None, min_p=args.min_p,
+                              epsilon=args.epsilon, repetition_penalty=args.repetition_penalty)
     cfg = GenerationConfig(args.max_new_tokens, sampling, stop_strings=tuple(args.stop), seed=args.seed)
     tok = loaded.tokenizer
     chat = args.chat if args.chat is not None else bool(tok.chat_template)

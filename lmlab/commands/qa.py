@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (e.g. data.max_eval=100)")
     ev.add_argument("--adapter", default="", help="adapter folder; empty = base model only")
     ev.add_argument("--retries", type=int, default=2, help="extra attempts for invalid outputs")
-    ev.add_argument("--out", default="", help="also write the full results, with each question's 0/1, to this JSON file")
+    ev.add_argument("--shots", type=int, default=0, metavar="K",
+                    help="K solved training examples as earlier chat turns before each test question (few-shot)")
+    ev.add_argument("--out", default="",
+                    help="also write the full results, with each question's 0/1, to this JSON file")
     ev.set_defaults(func=_eval)
 
 
@@ -59,7 +62,9 @@ def _eval(args: argparse.Namespace) -> int:
     from lmlab.fileio import atomic_write_text
     from lmlab.tasks.task_eval import evaluate_recipe
 
-    res = evaluate_recipe(args.recipe, args.overrides, args.adapter, args.retries)
+    if args.shots < 0:
+        raise ConfigError(f"--shots {args.shots}: expected 0 or more examples")
+    res = evaluate_recipe(args.recipe, args.overrides, args.adapter, args.retries, shots=args.shots)
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(res, indent=2) + "\n")
     brief = {k: {f: v for f, v in r.items() if f != "correct"} if isinstance(r, dict) else r for k, r in res.items()}

@@ -22,16 +22,37 @@ def register(subparsers) -> None:
     encode.add_argument("--text", required=True)
     encode.add_argument("--bos", action="store_true", help="prepend the BOS id")
     encode.add_argument("--eos", action="store_true", help="append the EOS id")
+    _corpus_argument(encode)
     encode.set_defaults(func=_encode)
 
     decode = sub.add_parser("decode", help="print the text of --ids")
     decode.add_argument("tokenizer")
     decode.add_argument("--ids", nargs="+", required=True, help="ids, space- or comma-separated")
+    _corpus_argument(decode)
     decode.set_defaults(func=_decode)
 
     info = sub.add_parser("info", help="print the kind, vocabulary size and special ids")
-    info.add_argument("tokenizer")
+    info.add_argument("tokenizer", help="tokenizer file or folder, or `char` (built from a corpus, as recipes do)")
+    _corpus_argument(info)
     info.set_defaults(func=_info)
+
+
+def _corpus_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", type=Path, metavar="FILE",
+                   help="with tokenizer `char`: the text file whose characters make the vocabulary")
+
+
+def _load(args: argparse.Namespace):
+    """The named tokenizer; `char` is the one a recipe's `data.tokenizer: char` builds from its corpus."""
+    from lmlab.errors import ConfigError
+    from lmlab.tokenization import CharTokenizer, load_tokenizer
+
+    if args.tokenizer != "char" or Path("char").exists():
+        return load_tokenizer(args.tokenizer)
+    if args.corpus is None:
+        raise ConfigError("tokenizer `char` is built from a corpus: give --corpus FILE (e.g. "
+                          "../shared/data/tinyshakespeare/input.txt)")
+    return CharTokenizer.from_files([args.corpus])
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -42,27 +63,26 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from lmlab.tokenization import load_tokenizer
-
-    ids = load_tokenizer(args.tokenizer).encode(args.text, bos=args.bos, eos=args.eos)
+    ids = _load(args).encode(args.text, bos=args.bos, eos=args.eos)
     print(" ".join(map(str, ids)))
 
 
 def _decode(args: argparse.Namespace) -> None:
     from lmlab.errors import DataError
-    from lmlab.tokenization import load_tokenizer
 
     try:
         ids = [int(x) for part in args.ids for x in part.replace(",", " ").split()]
     except ValueError as err:
         raise DataError(f"--ids: expected integers ({err})") from None
-    print(load_tokenizer(args.tokenizer).decode(ids))
+    print(_load(args).decode(ids))
 
 
 def _info(args: argparse.Namespace) -> None:
-    from lmlab.tokenization import load_tokenizer
-
-    tok = load_tokenizer(args.tokenizer)
+    if args.tokenizer == "char" and args.corpus is None and not Path("char").exists():
+        print("kind=char: one id per distinct character of the corpus, sorted (65 for tinyshakespeare), no "
+              "special ids; recipes build it from data.path (add --corpus FILE for its vocabulary)")
+        return
+    tok = _load(args)
     print(f"kind={tok.kind} vocab_size={tok.vocab_size} bos_id={tok.bos_id} eos_id={tok.eos_id} "
           f"pad_id={tok.pad_id} add_bos={tok.add_bos} stop_ids={sorted(tok.stop_ids)} "
           f"chat_template={'yes' if tok.chat_template else 'no'}")

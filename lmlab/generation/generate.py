@@ -16,7 +16,7 @@ import torch
 from lmlab.generation.sampling import SamplingConfig, sample_next
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.transformer import Transformer
-from lmlab.tokenization import StreamDecoder
+from lmlab.tokenization import StreamDecoder, decode_continuation
 
 
 @dataclass
@@ -184,7 +184,7 @@ def generate(
     batches = length_batches([len(x) for x in ids], batch_size)
     stop_ids = tuple(set(cfg.stop_ids) | set(tokenizer.stop_ids))
     cfg = GenerationConfig(cfg.max_new_tokens, cfg.sampling, stop_ids, tuple(cfg.stop_strings), cfg.seed)
-    decoders = [StreamDecoder(tokenizer) for _ in prompts]
+    decoders = [StreamDecoder(tokenizer, context=x[-1:]) for x in ids]  # after the prompt: its leading space kept
     texts = ["" for _ in prompts]
 
     def on_token(row: int, token: int) -> None:
@@ -206,4 +206,5 @@ def generate(
         )
         for i, out in zip(rows, new):
             outputs[i] = out
-    return [cut_at_stop(tokenizer.decode(out), cfg.stop_strings)[0] for out in outputs]
+    texts = [decode_continuation(tokenizer, x[-1:], out) for x, out in zip(ids, outputs)]
+    return [cut_at_stop(text, cfg.stop_strings)[0] for text in texts]

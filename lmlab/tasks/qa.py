@@ -91,9 +91,11 @@ class Answer:
 
 def answer_with_retry(model: nn.Module, tokenizer: Any, records: Sequence[Record], spec: TaskSpec,
                       template: Template, *, max_retries: int = 2, seed: int = 0,
-                      retry_temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16) -> list[Answer]:
-    """Greedy first; rows whose output fails the validator are sampled again (temperature
-    `retry_temperature`, top-p, a new seed per attempt) until valid or `max_retries` retries are spent.
+                      retry_temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16,
+                      first: SamplingConfig | None = None) -> list[Answer]:
+    """Greedy first (or `first`'s sampling); rows whose output fails the validator are sampled again
+    (temperature `retry_temperature`, top-p, a new seed per attempt) until valid or `max_retries` retries
+    are spent.
     The temperature stays put: raising it per attempt (1.4 on the second retry) turned a 135M model's
     answers into word salad that still passed the SAQ validator."""
 
@@ -103,7 +105,7 @@ def answer_with_retry(model: nn.Module, tokenizer: Any, records: Sequence[Record
     for attempt in range(max_retries + 1):
         if not todo:
             break
-        sampling = SamplingConfig(temperature=0.0) if attempt == 0 else \
+        sampling = (first or SamplingConfig(temperature=0.0)) if attempt == 0 else \
             SamplingConfig(temperature=retry_temperature, top_p=top_p)
         gen = GenerationConfig(spec.max_new_tokens, sampling, stop_strings=spec.stop_strings, seed=seed + attempt)
         outputs = generate(model, tokenizer, [prompts[i] for i in todo], gen, batch_size=batch_size)

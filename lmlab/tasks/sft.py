@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.adapters.files import export_peft, save_adapter
+from lmlab.adapters.files import export_peft, peft_unsupported, save_adapter
 from lmlab.adapters.lora import apply_lora
 from lmlab.data import qa, tasks
 from lmlab.data.batch import IGNORE_INDEX, pad_id_of
@@ -134,6 +134,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         if session.finished(max_steps):
             return json_summary(session)
         summary: dict[str, Any] = {"adapter": name, "data": {k: v.summary() for k, v in data.items()}}
+        no_peft = peft_unsupported(model) if cfg.export_peft else None
+        if no_peft:  # said before training, so the run still ends with its adapter and summary
+            print(f"note: export_peft skipped: {no_peft}; the adapter is saved in lmlab's format only")
         test = data["test"].examples
         if e.perplexity and test:
             summary["before"] = perplexities(model, test, pad_id, e.batch_size, session.precision)
@@ -152,7 +155,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             summary["samples"] = dict(samples)
         save_adapter(model, session.out / "adapters" / name)
         if cfg.export_peft:
-            export_peft(model, session.out / "adapters" / f"{name}-peft")
+            summary["peft"] = f"skipped: {no_peft}" if no_peft else \
+                str(export_peft(model, session.out / "adapters" / f"{name}-peft"))
         return session.finish(summary, line=_line(session, summary))
 
 
