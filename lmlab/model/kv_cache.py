@@ -119,13 +119,6 @@ class KVCache:
         self.key_mask, self.slot_pos = key_mask[:, offset:], slot_pos[:, offset:]
         self._offset, self.length, self.capacity = offset, length, k.shape[3] - offset
 
-    def _move(self, src: slice, dst: slice, rows: int) -> None:
-        """Copy slots `src` of the first `rows` rows to `dst` (storage coordinates)."""
-        for t in self._storage[:2]:
-            t[:, :rows, :, dst] = t[:, :rows, :, src].clone()
-        for t in self._storage[2:]:
-            t[:rows, dst] = t[:rows, src].clone()
-
     def drop_front(self, rows: int) -> None:
         """Drop the leading slots that none of the first `rows` rows uses (no copy: the views move)."""
         used = self.key_mask[:rows, : self.length].any(0)
@@ -134,22 +127,19 @@ class KVCache:
             self._view(self._offset + first, self.length - first)
 
     def make_room(self, n: int, rows: int, front: int = 0) -> None:
-        """Make `n` more slots fit after `length` and `front` empty slots fit before slot 0, for the first
-        `rows` rows; the live slots are copied within the storage only when the views lack the room."""
+        """Make `n` more slots fit after `length`, and `front` empty slots before slot 0, in the first `rows`
+        rows. Moving the views costs nothing; only when they lack the room are the live slots repacked
+        (`compact`) at the start of the storage."""
         self._plain("make_room")
         self.drop_front(rows)
-        total = self._storage[0].shape[3]
-        if front + self.length + n > total:
-            raise ValueError(f"KV cache full: {front} + {self.length} + {n} slots > capacity {total}")
         if front <= self._offset and self.length + n <= self.capacity:
             if front:
                 self._view(self._offset - front, self.length + front)
                 self.key_mask[:rows, :front] = False
             return
-        live = slice(self._offset, self._offset + self.length)
-        self._move(live, slice(front, front + self.length), rows)
-        self._view(0, front + self.length)
-        self.key_mask[:rows, :front] = False
+        self.compact(rows, front)
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {n} slots > capacity {self.capacity}")
 
     def attach(self, row: int, other: KVCache, other_row: int, rows: int) -> None:
         """Copy sequence `other_row` of `other` (e.g. a prefill batch) into `row`, right-aligned so its next
@@ -189,20 +179,22 @@ class KVCache:
         self.length = L - T + (int(used.nonzero().max()) + 1 if bool(used.any()) else 0)
         self.has_padding = self.has_padding or not bool(self.key_mask[:B, : self.length].all())
 
-    def compact(self, rows: int) -> None:
-        """Squeeze out padding and holes: each of the first `rows` rows' real slots right-aligned, in order;
-        `length` becomes the longest row's count (one copy of the live slots)."""
+    def compact(self, rows: int, front: int = 0) -> None:
+        """Squeeze out padding and holes: each of the first `rows` rows' real slots right-aligned, in order,
+        after `front` empty slots at the start of the storage; `length` becomes front + the longest row's
+        count. One copy of the live slots."""
         self._plain("compact")
         L = self.length
-        if rows == 0:
-            self._view(0, 0)
-            return
         mask = self.key_mask[:rows, :L]
-        n = int(mask.sum(1).max())
+        n = int(mask.sum(1).max()) if rows else 0
+        if front + n > self._storage[0].shape[3]:
+            raise ValueError(f"KV cache full: {front} + {n} slots > capacity {self._storage[0].shape[3]}")
         order = torch.sort(mask.int(), dim=1, stable=True).indices[:, L - n :]  # (rows, n): real slots last
         idx = order[None, :, None, :, None].expand(self.k.shape[0], rows, self.k.shape[2], n, self.k.shape[4])
         k, v = self.k[:, :rows, :, :L].gather(3, idx), self.v[:, :rows, :, :L].gather(3, idx)
         key_mask, slot_pos = mask.gather(1, order), self.slot_pos[:rows, :L].gather(1, order)
-        self._view(0, n)
-        self.k[:, :rows, :, :n], self.v[:, :rows, :, :n] = k, v
-        self.key_mask[:rows, :n], self.slot_pos[:rows, :n] = key_mask, slot_pos
+        self._view(0, front + n)
+        live = slice(front, front + n)
+        self.k[:, :rows, :, live], self.v[:, :rows, :, live] = k, v
+        self.key_mask[:rows, :front] = False
+        self.key_mask[:rows, live], self.slot_pos[:rows, live] = key_mask, slot_pos
