@@ -35,6 +35,7 @@ from lmlab.generation.generate import GenerationConfig, _cache_dtype, left_pad
 from lmlab.generation.sampling import SamplingConfig, transform_logits
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.transformer import Transformer
+from lmlab.weights.loading import load_model
 
 Drafts = tuple[list[list[int]], "torch.Tensor | None"]  # draft ids per row; (B, k, V) draft probs, None = deterministic
 
@@ -170,6 +171,15 @@ class DraftModel:
 Drafter = PromptLookup | DraftModel
 
 
+def make_drafter(spec: str, k: int, target: Transformer, dtype: torch.dtype | None = None) -> Drafter:
+    """`prompt-lookup`, or any model spec `load_model` takes (loaded beside the target, same vocabulary)."""
+    if spec == "prompt-lookup":
+        return PromptLookup(k)
+    device = target.tok_embeddings.weight.device
+    draft = load_model(spec, device=device, dtype=dtype or target.tok_embeddings.weight.dtype).model
+    return DraftModel(draft, k, vocab_size=target.config.vocab_size)
+
+
 def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row of probs (B, V); rows sharing one generator draw in one call."""
     if all(g is generators[0] for g in generators):
@@ -180,12 +190,10 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
 def verify(
     model: Transformer, cache: KVCache, pending: Sequence[int], drafts: Sequence[Sequence[int]],
     q: torch.Tensor | None, cfgs: Sequence[SamplingConfig], generators: Sequence[torch.Generator | None],
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[list[int]], list[int]]:
     """Feed each row's pending token and drafts in one target forward (rows of the cache's first B),
     apply the rule, drop rejected slots; returns each row's new tokens (accepted drafts + one more) and
-    its number of accepted drafts.
-    `forward(tokens, mask)` replaces the plain model call (the server's per-row adapters)."""
+    its number of accepted drafts."""
     B = len(pending)
     T = 1 + max(len(d) for d in drafts)
     device = cache.k.device
@@ -196,7 +204,7 @@ def verify(
         mask[r, : 1 + len(d)] = True
     tokens, mask = tokens.to(device), mask.to(device)
     cache.make_room(T, B)
-    logits = forward(tokens, mask) if forward else model(tokens, mask if T > 1 else None, cache=cache)
+    logits = model(tokens, mask if T > 1 else None, cache=cache)
     p = row_probs(logits.float(), cfgs)  # (B, T, V)
     out, accepted = [], []
     for r, d in enumerate(drafts):
