@@ -59,7 +59,8 @@ def test_rows_join_leave_and_discard_like_separate_sequences(window) -> None:
     checked = 0
     for step in range(60):
         if len(rows) < 4 and (not rows or rng.random() < 0.3):  # join
-            new = [[rng.randrange(50) for _ in range(rng.randint(1, 9))] for _ in range(rng.randint(1, 4 - len(rows)))]
+            new = [[rng.randrange(50) for _ in range(rng.choice([rng.randint(1, 9), rng.randint(10, 24)]))]
+                   for _ in range(rng.randint(1, 4 - len(rows)))]
             tmp, logits = prefill(model, new)
             for j, p in enumerate(new):
                 cache.attach(len(rows), tmp, j, len(rows))
@@ -115,3 +116,21 @@ def test_rows_as_slots_refuse_a_streaming_cache() -> None:
     cache = KVCache(cfg, 2, 16)
     with pytest.raises(ValueError, match="attention sinks"):
         cache.discard(torch.tensor([1, 1]), 1)
+
+
+@torch.inference_mode()
+def test_a_prompt_longer_than_the_fill_joins_an_emptied_cache() -> None:
+    """The last row left after decoding a while; a prompt longer than the stale fill joins row 0."""
+    model = tiny()
+    cache = KVCache(model.config, 2, 64)
+    tmp, _ = prefill(model, [[1, 2, 3]])
+    cache.attach(0, tmp, 0, 0)
+    for _ in range(5):
+        cache.make_room(1, 1)
+        model(torch.tensor([[4]]), cache=cache)
+    long = list(range(1, 20))
+    tmp, _ = prefill(model, [long])
+    cache.attach(0, tmp, 0, 0)
+    cache.make_room(1, 1)
+    torch.testing.assert_close(model(torch.tensor([[7]]), cache=cache)[0, -1], reference(model, long + [7]),
+                               rtol=0, atol=1e-5)

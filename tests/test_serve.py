@@ -314,3 +314,59 @@ def test_the_serve_command_with_an_api_key_and_lmlab_generate_parity(shared_data
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         f"lmlab serve: error: --adapter {str(tmp_path / 'missing')!r}: expected NAME=PATH"]
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# what works headless on these machines (no sandbox as root; background networking off: the network is closed)
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage"]
+TOY_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_chat_page_in_headless_chromium(stories, tmp_path: Path) -> None:
+    """Headless Chromium types two messages into the page at / and reads the streamed answers, which equal
+    what the API gives for the same conversation (a toy chat template on stories260K keeps it fast)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    model, tok = stories
+    tok = copy.copy(tok)
+    tok.chat_template = TOY_TEMPLATE
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    with running(model, tok, context=512) as (url, _):
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        try:
+            driver.get(url + "/")
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: [o.text for o in Select(d.find_element(By.ID, "model")).options] == ["base"])
+            for field, value in (("temperature", "0"), ("max_tokens", "30")):
+                box = driver.find_element(By.ID, field)
+                box.clear()
+                box.send_keys(value)
+            conversation, answers = [], []
+            for text in ("Tell me a story about a cat.", "What happened next?"):
+                driver.find_element(By.ID, "input").send_keys(text)
+                driver.find_element(By.ID, "send").click()
+                n = len(answers) + 1
+                wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) == n)
+                bubble = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+                answers.append(bubble.find_element(By.CLASS_NAME, "text").text)
+                assert int(bubble.get_attribute("data-chunks")) > 1  # it arrived as a stream of chunks
+                conversation.append({"role": "user", "content": text})
+                api_answer = client(url).chat.completions.create(
+                    model="base", messages=conversation, max_tokens=30, temperature=0, top_p=0.9).choices[0]
+                assert answers[-1] == api_answer.message.content.strip() and answers[-1]
+                conversation.append({"role": "assistant", "content": api_answer.message.content})
+            assert "done" in driver.find_element(By.ID, "status").text
+        finally:
+            driver.quit()

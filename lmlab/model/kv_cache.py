@@ -128,8 +128,9 @@ class KVCache:
 
     def make_room(self, n: int, rows: int, front: int = 0) -> None:
         """Make `n` more slots fit after `length`, and `front` empty slots before slot 0, in the first `rows`
-        rows. Moving the views costs nothing; only when they lack the room are the live slots repacked
-        (`compact`) at the start of the storage."""
+        rows (after `drop_front`: the caller drops first when `front` depends on `length`). Moving the views
+        costs nothing; only when they lack the room are the live slots repacked (`compact`) at the start of
+        the storage."""
         self._plain("make_room")
         self.drop_front(rows)
         if front <= self._offset and self.length + n <= self.capacity:
@@ -146,6 +147,7 @@ class KVCache:
         token takes slot `length` as every row's does; `rows` = rows in use besides it (kept aligned)."""
         self._plain("attach")
         n = other.length
+        self.drop_front(rows)
         if n > self.length:
             self.make_room(0, rows, front=n - self.length)
         a = self.length - n
