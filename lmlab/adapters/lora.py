@@ -383,7 +383,8 @@ def adapters_per_row(model: nn.Module, names: list[str | None]) -> Iterator[nn.M
     The active adapter is ignored there. Adapters that carry `trainable` modules (a classification head)
     cannot mix in one batch, nor can merged layers: both are ConfigErrors.
     """
-    raw, state = unwrap(model), lora_state(model)
+    raw = unwrap(model)
+    lora_state(model)  # a ConfigError if the model has no adapters
     for name in dict.fromkeys(n for n in names if n is not None):
         cfg = adapter_config(raw, name)
         if cfg.trainable:

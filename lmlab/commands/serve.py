@@ -54,10 +54,14 @@ def build(args: argparse.Namespace):
     from pathlib import Path
 
     from lmlab.adapters.files import PEFT_WEIGHTS, import_peft, load_adapter
-    from lmlab.errors import ConfigError
+    from lmlab.errors import ConfigError, LmlabError
     from lmlab.generation.speculative import make_drafter
     from lmlab.precision import inference_dtype
-    from lmlab.serve.app import Served, create_app
+
+    try:
+        from lmlab.serve.app import Served, create_app
+    except ImportError as err:  # fastapi / uvicorn are the `serve` extra
+        raise LmlabError(f"lmlab serve needs {err.name}: pip install 'lmlab[serve]'") from None
     from lmlab.serve.engine import Engine, EngineConfig
     from lmlab.weights.loading import load_model
 
@@ -91,9 +95,9 @@ def build(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
+    app = build(args)
     import uvicorn
 
-    app = build(args)
     engine = app.state.served.engine.start()
     models = [app.state.served.name, *app.state.served.adapters]
     print(f"lmlab serve: {models} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)

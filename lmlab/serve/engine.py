@@ -31,7 +31,7 @@ from lmlab.adapters.lora import adapters_per_row, lora_modules, set_active_adapt
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.generation.generate import _cache_dtype, cut_at_stop, left_pad
 from lmlab.generation.sampling import SamplingConfig, sample_next
-from lmlab.generation.speculative import DraftModel, Drafter, verify
+from lmlab.generation.speculative import Drafter, DraftModel, verify
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.transformer import Transformer
 from lmlab.tokenization import StreamDecoder
