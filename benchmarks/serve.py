@@ -33,7 +33,7 @@ import httpx
 from lmlab.paths import REPO_ROOT, data_dir, smollm2_gguf
 from lmlab.tokenization import load_tokenizer
 
-MAX_TOKENS = 128
+MAX_TOKENS = 128  # default of --max-tokens
 
 
 def free_port() -> int:
@@ -58,9 +58,9 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     raise SystemExit(f"{cmd[:4]} did not start in 300 s: see {log}")
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str) -> dict:
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed chat completion: time to first content, end time, the text."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS,
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     first, text = None, ""
@@ -84,13 +84,13 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: str) -> d
     return {"start": t0, "first": first or time.perf_counter(), "end": time.perf_counter(), "text": text}
 
 
-async def level(url: str, model: str, prompts: list[str], concurrency: int) -> list[dict]:
+async def level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> list[dict]:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
         async def bounded(p: str) -> dict:
             async with sem:
-                return await one(client, url, model, p)
+                return await one(client, url, model, p, max_tokens)
 
         return await asyncio.gather(*(bounded(p) for p in prompts))
 
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--quantize", default="int8", choices=["none", "int8"], help="lmlab's weights")
     ap.add_argument("--speculative", help="lmlab serve --speculative (e.g. prompt-lookup)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
     gguf = smollm2_gguf()
@@ -138,12 +139,12 @@ def main() -> None:
     rows: dict[tuple[str, int], dict] = {}
     try:
         for name, (url, model) in servers.items():  # warm-up: first requests pay one-time costs
-            asyncio.run(level(url, model, alpaca[:2], 2))
+            asyncio.run(level(url, model, alpaca[:2], 2, args.max_tokens))
         for c in args.levels:
             prompts = alpaca[: max(args.min_requests, args.requests_per_slot * c)]
             for name, (url, model) in servers.items():
                 t = time.perf_counter()
-                results = asyncio.run(level(url, model, prompts, c))
+                results = asyncio.run(level(url, model, prompts, c, args.max_tokens))
                 rows[(name, c)] = summarize(results, tok, time.perf_counter() - t)
                 r = rows[(name, c)]
                 print(f"{name:>24} c={c:<3} {r['tok_s']:7.1f} tok/s  ttft p50 {r['ttft_p50']:.2f}s p95 "
@@ -171,7 +172,7 @@ def main() -> None:
                   f"{platform.processor() or platform.machine()}, {args.threads} threads, load after {load})\n\n"
                   f"SmolLM2-135M-Instruct, the same Q4_1 GGUF (lmlab: {args.quantize} weights"
                   f"{', --speculative ' + args.speculative if args.speculative else ''}; llama.cpp: Q4_1 native), "
-                  f"streamed chat completions of Alpaca instructions, greedy, max_tokens {MAX_TOKENS}; command: "
+                  f"streamed chat completions of Alpaca instructions, greedy, max_tokens {args.max_tokens}; command: "
                   f"`python benchmarks/serve.py {' '.join(sys.argv[1:])}`\n\n")
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
             f.write(header + report + "\n")
