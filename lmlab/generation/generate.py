@@ -155,6 +155,12 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False, system: str | N
     return ids
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation ([{"role", "content"}, ...]) -> ids: the chat template with the assistant's turn
+    opened, then encode_prompt's BOS rule (multi-turn chat: the server, `lmlab generate --chat`)."""
+    return encode_prompt(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     """Text before the earliest stop string, and whether one was found."""
     cuts = [i for s in stop_strings if (i := text.find(s)) >= 0]
@@ -171,6 +177,7 @@ def generate(
     system: str | None = None,
     stream: TextCallback | None = None,
     batch_size: int | None = None,
+    decoder: Callable[..., list[list[int]]] | None = None,
 ) -> list[str]:
     """Generated text for each prompt (stop strings and stop tokens excluded).
 
@@ -178,6 +185,7 @@ def generate(
     length and run in batches of that many, so an evaluation over hundreds of prompts neither pads them
     all to the longest nor holds one huge cache; outputs come back in the prompts' order. Greedy outputs
     do not depend on it; sampled ones do (each batch draws from the same seed).
+    decoder: replaces `generate_ids` (same signature), e.g. lmlab.generation.speculative.SpeculativeDecoder.
     """
 
     ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
@@ -199,7 +207,7 @@ def generate(
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     outputs: list[list[int]] = [[] for _ in ids]
     for rows in batches:  # batch row j is prompt rows[j]
-        new = generate_ids(
+        new = (decoder or generate_ids)(
             model, [ids[i] for i in rows], cfg, pad_id=pad,
             on_token=lambda j, token, rows=rows: on_token(rows[j], token),
             should_stop=(lambda j, new_ids, rows=rows: should_stop(rows[j], new_ids)) if cfg.stop_strings else None,
