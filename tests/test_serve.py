@@ -31,6 +31,7 @@ from lmlab.generation.speculative import DraftModel, PromptLookup
 from lmlab.paths import REPO_ROOT
 from lmlab.serve.app import Served, create_app
 from lmlab.serve.engine import Engine, EngineConfig
+from lmlab.tokenization import decode_continuation
 from lmlab.weights.loading import load_model
 
 GREEDY = SamplingConfig(temperature=0)
@@ -132,7 +133,7 @@ def test_seeded_sampling_n_choices_and_logprobs(stories) -> None:
             assert token == tok.decode([chosen]) and token_lp == pytest.approx(float(logp[chosen]), abs=1e-4)
             assert max(top.values()) == pytest.approx(token_lp, abs=1e-6)  # greedy: the top alternative
             history.append(chosen)
-    assert tok.decode(history[len(ids):]) == ch.text
+    assert decode_continuation(tok, ids[-1:], history[len(ids):]) == ch.text  # a continuation keeps its leading space
 
 
 def test_adapters_per_request_in_one_batch(stories, tmp_path: Path) -> None:

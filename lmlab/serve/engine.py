@@ -124,7 +124,7 @@ class _Seq:
         self.generator.manual_seed(req.seed + index if req.seed is not None else torch.seed())
         self.history = list(req.prompt)  # prompt + generated ids, the pending token last
         self.out: list[int] = []
-        self.decoder = StreamDecoder(tokenizer)
+        self.decoder = StreamDecoder(tokenizer, context=req.prompt[-1:])  # after the prompt: its leading space kept
         self.text = ""  # decoded so far, before any stop-string cut
         self.sent = 0  # characters of text already reported
         self.done: str | None = None
