@@ -366,7 +366,7 @@ def test_chat_page_in_headless_chromium(stories, tmp_path: Path) -> None:
                 conversation.append({"role": "user", "content": text})
                 api_answer = client(url).chat.completions.create(
                     model="base", messages=conversation, max_tokens=30, temperature=0, top_p=0.9).choices[0]
-                assert answers[-1] == api_answer.message.content.strip() and answers[-1]
+                assert answers[-1].strip() == api_answer.message.content.strip() and answers[-1].strip()
                 conversation.append({"role": "assistant", "content": api_answer.message.content})
             assert "done" in driver.find_element(By.ID, "status").text
         finally:
