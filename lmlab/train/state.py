@@ -175,8 +175,7 @@ class Checkpointer:
 
 def nonfinite_parameters(model: nn.Module, trainable_only: bool = False) -> list[str]:
     """Names of parameters holding NaN or inf (a diverged update must never be saved as a checkpoint)."""
-    return [k for k, p in model.named_parameters()
-            if (p.requires_grad or not trainable_only) and not bool(torch.isfinite(p.detach()).all())]
+    return nonfinite_tensors({k: p.detach() for k, p in model.named_parameters() if p.requires_grad or not trainable_only})
 
 
 def _is_sharded(model: nn.Module) -> bool:
