@@ -106,15 +106,16 @@ def hold_lock(folder: str) -> Setup:
     return setup
 
 
-def make_cache(tmp: Path, env: dict[str, str], damage: Callable[[Path], None]) -> None:
-    """A token cache of the tiny corpus in tmp/cache, then damaged."""
-    quiet_main(tmp, f"run {env['recipe']} out_dir=first data.cache_dir={tmp}/cache train.max_steps=1")
+def make_cache(tmp: Path, env: dict[str, str], damage: Callable[[Path], None], runs: int = 1) -> None:
+    """A token cache of the tiny corpus in tmp/cache (opened `runs` times), then damaged."""
+    for i in range(runs):
+        quiet_main(tmp, f"run {env['recipe']} out_dir=first{i} data.cache_dir={tmp}/cache train.max_steps=1")
     (folder,) = [p for p in (tmp / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     damage(folder)
 
 
-def cache_damage(fn: Callable[[Path], None]) -> Setup:
-    return lambda tmp, env: make_cache(tmp, env, fn)
+def cache_damage(fn: Callable[[Path], None], runs: int = 1) -> Setup:
+    return lambda tmp, env: make_cache(tmp, env, fn, runs)
 
 
 def _truncate(path: Path, n: int) -> None:
@@ -250,6 +251,8 @@ CASES: list[Case] = [
          check=all_of(stderr_has("token cache"), metrics_ok("out", 4))),
     Case("cache-ids-above-vocab", f"{RUN} data.cache_dir={{tmp}}/cache", code=0, setup=cache_damage(_big_ids),
          check=all_of(stderr_has("token cache"), metrics_ok("out", 4))),
+    Case("cache-ids-above-vocab-after-a-check", f"{RUN} data.cache_dir={{tmp}}/cache", code=0,
+         setup=cache_damage(_big_ids, runs=2), check=all_of(stderr_has("token cache", "60000"), metrics_ok("out", 4))),
     Case("cache-meta-garbage", f"{RUN} data.cache_dir={{tmp}}/cache", code=0,
          setup=cache_damage(lambda f: (f / "meta.json").write_text("{")),
          check=all_of(stderr_has("token cache"), metrics_ok("out", 4))),

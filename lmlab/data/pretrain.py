@@ -30,7 +30,7 @@ import torch
 from lmlab.data.batch import IGNORE_INDEX, Batch
 from lmlab.data.corpus import read_documents
 from lmlab.errors import DataError
-from lmlab.fileio import atomic_replace_dir
+from lmlab.fileio import atomic_replace_dir, atomic_write_text
 from lmlab.tokenization import load_tokenizer
 from lmlab.tokenization.char import CharTokenizer
 
@@ -115,11 +115,20 @@ def _open(folder: Path, name: str) -> TokenSplit:
     return TokenSplit(tokens, np.load(folder / f"{name}_docs.npy", allow_pickle=False))
 
 
+VERIFIED = "verified.json"  # (size, mtime) of each .bin whose ids were last read and found in range
+
+
 def cache_damage(folder: Path, vocab_size: int) -> str:
     """What is wrong with a token cache folder ("" when it is whole): every file present and readable, each
     split as long as meta.json says, document offsets that end at that length, and no id at or above the
     vocabulary (a truncated copy or a stray write must never train on part of a corpus or crash the
-    embedding). Reading every token once costs about as much as a pass over the corpus's memory map."""
+    embedding). The ids are read once per version of a file (a pass over its memory map); verified.json
+    remembers the size and mtime they were read at."""
+    try:
+        verified = json.loads((folder / VERIFIED).read_text()) if (folder / VERIFIED).is_file() else {}
+    except (OSError, ValueError):
+        verified = {}
+    seen = {}
     try:
         meta = json.loads((folder / "meta.json").read_text())
         dtype = np.dtype(meta["dtype"])
@@ -132,12 +141,16 @@ def cache_damage(folder: Path, vocab_size: int) -> str:
             if offsets.ndim != 1 or not len(offsets) or offsets[0] != 0 or offsets[-1] != n or \
                     (np.diff(offsets) < 0).any():
                 return f"{name}_docs.npy does not cut {name}.bin into documents"
-            if n and int(split.tokens.max()) >= vocab_size:
+            stat = (folder / f"{name}.bin").stat()
+            seen[name] = [stat.st_size, stat.st_mtime_ns]
+            if n and verified.get(name) != seen[name] and int(split.tokens.max()) >= vocab_size:
                 return f"{name}.bin holds token id {int(split.tokens.max())}, the vocabulary has {vocab_size}"
         if dtype != token_dtype(vocab_size):
             return f"dtype {dtype} for a vocabulary of {vocab_size}"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+    if seen != verified:
+        atomic_write_text(folder / VERIFIED, json.dumps(seen) + "\n")
     return ""
 
 
