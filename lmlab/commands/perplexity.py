@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lmlab.commands._args import at_least
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,14 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a model name (e.g. smollm2-135m-instruct), checkpoint folder, GGUF, llama2.c .bin or HF folder")
     p.add_argument("--data", required=True, help="text file; .jsonl/.json use --field, .csv uses column 'text'")
     p.add_argument("--field", default="text", help="JSONL/JSON field holding the text")
-    p.add_argument("--context", type=int, default=0, help="window length (default: the model's context, at most 1024)")
-    p.add_argument("--stride", type=int, default=0, help="tokens between window starts (default context/2)")
-    p.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
+    p.add_argument("--context", type=at_least(0), default=0,
+                   help="window length (default: the model's context, at most 1024)")
+    p.add_argument("--stride", type=at_least(0), default=0, help="tokens between window starts (default context/2)")
+    p.add_argument("--max-tokens", type=at_least(0), default=0, help="score only the first N tokens (0 = all)")
     p.add_argument("--separator", default="auto", metavar="SEP",
                    help="documents of a text file, each scored on its own with BOS where the tokenizer adds one: "
                    "auto (split at <|endoftext|> when present), none (one stream), line, blank_line, or a "
                    "literal marker; JSONL/CSV records are documents")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=at_least(1), default=1, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lmlab.commands._args import at_least
 from lmlab.errors import ConfigError
 
 
@@ -22,14 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--adapter", action="append", default=[], metavar="TASK=DIR",
                      help="task adapter folder (lmlab or peft), e.g. mcq=runs/qa-mcq/adapters/mcq")
     ask.add_argument("--task", choices=["mcq", "saq"], help="declare the task instead of the routing rule")
-    ask.add_argument("--retries", type=int, default=2, help="extra attempts for invalid outputs")
+    ask.add_argument("--retries", type=at_least(0), default=2, help="extra attempts for invalid outputs")
     ask.set_defaults(func=_ask)
     ev = sub.add_parser("eval", help="score an adapter on its recipe's test split (+ zero-shot baseline)")
     ev.add_argument("recipe", help="the SFT recipe the adapter was trained with (its split and template)")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (e.g. data.max_eval=100)")
     ev.add_argument("--adapter", default="", help="adapter folder; empty = base model only")
-    ev.add_argument("--retries", type=int, default=2, help="extra attempts for invalid outputs")
-    ev.add_argument("--shots", type=int, default=0, metavar="K",
+    ev.add_argument("--retries", type=at_least(0), default=2, help="extra attempts for invalid outputs")
+    ev.add_argument("--shots", type=at_least(0), default=0, metavar="K",
                     help="K solved training examples as earlier chat turns before each test question (few-shot)")
     ev.add_argument("--out", default="",
                     help="also write the full results, with each question's 0/1, to this JSON file")

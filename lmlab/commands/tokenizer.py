@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmlab.commands._args import at_least
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("tokenizer", help="train a tokenizer, encode or decode text")
@@ -12,8 +14,11 @@ def register(subparsers) -> None:
 
     train = sub.add_parser("train", help="train byte-level BPE (or a character vocabulary) on text files")
     train.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE", help="UTF-8 text files")
-    train.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, specials included")
-    train.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to save the tokenizer into")
+    train.add_argument("--vocab-size", type=at_least(1), default=4096, help="BPE vocabulary size, specials included")
+    train.add_argument("--out", required=True, type=Path, metavar="DIR",
+                       help="folder to save the tokenizer into: new, empty, or an earlier tokenizer")
+    train.add_argument("--force", action="store_true", help="write into a folder holding other files (lmlab "
+                       "still never replaces a file it did not write)")
     train.add_argument("--kind", choices=("bpe", "char"), default="bpe")
     train.set_defaults(func=_train)
 
@@ -58,7 +63,7 @@ def _load(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> None:
     from lmlab.tokenization import train_tokenizer
 
-    tok = train_tokenizer(args.input, args.out, kind=args.kind, vocab_size=args.vocab_size)
+    tok = train_tokenizer(args.input, args.out, kind=args.kind, vocab_size=args.vocab_size, force=args.force)
     print(f"saved {tok.kind} tokenizer with {tok.vocab_size} tokens to {args.out}")
 
 
@@ -74,7 +79,11 @@ def _decode(args: argparse.Namespace) -> None:
         ids = [int(x) for part in args.ids for x in part.replace(",", " ").split()]
     except ValueError as err:
         raise DataError(f"--ids: expected integers ({err})") from None
-    print(_load(args).decode(ids))
+    tok = _load(args)
+    bad = [i for i in ids if not 0 <= i < tok.vocab_size]
+    if bad:
+        raise DataError(f"--ids: {bad[:5]} outside the vocabulary 0..{tok.vocab_size - 1}")
+    print(tok.decode(ids))
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -194,12 +194,11 @@ def model_perplexity(
     """
 
     loaded = load_model(spec, device=device)
-    model, tok = loaded.model, loaded.tokenizer
-    if tok is None:
-        raise ConfigError(f"{spec}: no tokenizer came with this model; put one beside it (tokenizer.model, "
-                          "tokenizer.json) or use a checkpoint folder that holds one")
+    model, tok = loaded.model, loaded.require_tokenizer("put a tokenizer file beside it")
     model.eval()
     trained = _trained_context(model)
+    if trained and context > trained:  # windows past the trained context score positions it never learned
+        raise ConfigError(f"context={context} is longer than {spec}'s trained context of {trained} tokens")
     context = context or min(trained or 1024, 1024)
     stride = stride or max(1, context // 2)
     bos = bool(tok.add_bos and tok.bos_id is not None)
@@ -458,7 +457,7 @@ def _load_run_model(run_dir: Path, device: str) -> tuple[Any, Any, int, Any]:
 def _long_sample(model: Any, tok: Any, name: str, prompt: str, length: int, context: int, seed: int) -> str:
     """Sample `length` tokens; mark where the trained context ends; distinct-2 before and after it."""
     ids = tok.encode(prompt, bos=bool(tok.add_bos and tok.bos_id is not None)) or [tok.bos_id or 0]
-    gen = GenerationConfig(max_new_tokens=length - len(ids), seed=seed,
+    gen = GenerationConfig(max_new_tokens=length - len(ids), seed=seed, past_context=True,  # the experiment
                            sampling=SamplingConfig(temperature=0.8, top_k=50))
     new = generate_ids(model, [ids], gen)[0]
     full = ids + new

@@ -105,9 +105,7 @@ def run_one(cfg: ClassifyConfig) -> dict[str, Any]:
         splits = read_splits(cfg)
         loaded = load_model(cfg.model.spec, device=session.device, dtype=torch.float32,
                             tokenizer=cfg.model.tokenizer or None, overrides=cfg.model.overrides)
-        tokenizer = loaded.tokenizer
-        if tokenizer is None:
-            raise ConfigError(f"model.spec={cfg.model.spec!r} carries no tokenizer: set model.tokenizer")
+        tokenizer = loaded.require_tokenizer("set model.tokenizer=PATH")
         fmt = input_format(cfg, tokenizer, splits.label_names)
         encoded, truncated = {}, {}
         for name, data in splits.data.items():

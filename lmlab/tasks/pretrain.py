@@ -51,6 +51,10 @@ def run_pretrain(cfg: PretrainConfig) -> Path:
         tokenizer, train_split, val_split = session.main_first(lambda: prepare_data(d))  # rank 0 fills the cache
         vocab = tokenizer.vocab_size if cfg.model.vocab_from_tokenizer else None
         model = load_model(cfg.model.spec, device=session.device, overrides=cfg.model.overrides, vocab_size=vocab).model
+        if model.config.vocab_size < tokenizer.vocab_size:  # ids past the embedding table would crash in it
+            raise ConfigError(f"model.vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
+                              f"{tokenizer.vocab_size} ids (data.tokenizer={d.tokenizer}); raise it or set "
+                              "model.vocab_from_tokenizer=true")
         seq_len = d.seq_len or model.config.max_seq_len
         if seq_len > model.config.max_seq_len:
             raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={model.config.max_seq_len}")

@@ -25,7 +25,7 @@ from lmlab.adapters.files import load_adapter
 from lmlab.adapters.lora import set_active_adapter
 from lmlab.data.batch import pad_id_of
 from lmlab.data.instruct import Record, Template
-from lmlab.data.qa import LETTERS
+from lmlab.data.qa import LETTERS, is_option_letter
 from lmlab.errors import ConfigError
 from lmlab.evaluation.metrics import exact_match, token_f1
 from lmlab.evaluation.scoring import token_logprobs
@@ -44,7 +44,7 @@ def validate_mcq(text: str, record: Record) -> str | None:
     """A single option letter (a trailing '.', ')' or ':' and surrounding spaces are tolerated)."""
     m = _LETTER.match(text.strip())
     n = len(record.get("choices") or "ABCD")
-    return m.group(1) if m and m.group(1) in LETTERS[:n] else None
+    return m.group(1) if m and is_option_letter(m.group(1), n) else None
 
 
 def validate_saq(text: str, record: Record, max_words: int = 10) -> str | None:
@@ -167,7 +167,8 @@ def load_router(base: str, adapters: dict[str, str | Path], template: Template |
         load_adapter(loaded.model, folder, name=task)
     tasks = {t: TaskSpec(t if t in adapters else None, s.validator, s.max_new_tokens, s.stop_strings)
              for t, s in TASKS.items()}
-    return Router(loaded.model, loaded.tokenizer, template or Template("chat"), tasks, max_retries)
+    tokenizer = loaded.require_tokenizer("put a tokenizer file beside --base")
+    return Router(loaded.model, tokenizer, template or Template("chat"), tasks, max_retries)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,13 +29,14 @@ from lmlab.data.instruct import (
     InstructBatches,
     Record,
     Template,
+    check_record,
     encode_examples,
     example_eval_batches,
     read_alpaca,
     split_records,
 )
 from lmlab.data.qa import permute_options
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataError
 from lmlab.fileio import atomic_write_text
 from lmlab.generation.generate import GenerationConfig, generate
 from lmlab.precision import Precision
@@ -77,14 +78,21 @@ def perplexities(model: nn.Module, examples: list[Example], pad_id: int, batch_s
 
 
 def read_records(source: str, paths: list[str]) -> list[Record]:
-    """Records of every file, pooled; the reader is chosen by `data.source`."""
+    """Records of every file, pooled; the reader is chosen by `data.source`. Every file must hold at least
+    one record, and every record string instruction/input/output fields (whatever its reader)."""
     readers = {"alpaca": read_alpaca, "mcq": qa.mcq_records, "saq": qa.saq_records,
                "dialogsum": tasks.dialogsum_records, "gsm8k": tasks.gsm8k_records, "sst2": tasks.sst2_records}
     if source not in readers:
         raise ConfigError(f"data.source={source!r}: expected one of {list(readers)}")
     if not paths:
         raise ConfigError("data.paths is empty: name the data file(s), e.g. data.paths=[${data_dir}/alpaca/alpaca_small.json]")
-    return [r for p in paths for r in readers[source](p)]
+    out = []
+    for path in paths:
+        records = readers[source](path)
+        if not records:
+            raise DataError(f"{path}: no records (the file is empty); expected {source} data")
+        out += [check_record(r, f"{path}: record {i}") for i, r in enumerate(records)]
+    return out
 
 
 def make_template(d: InstructDataSection) -> Template:
@@ -118,9 +126,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     with Session(cfg) as session:
         loaded = load_model(cfg.model.spec, device=session.device, tokenizer=cfg.model.tokenizer or None,
                             overrides=cfg.model.overrides)
-        model, tok = loaded.model, loaded.tokenizer
-        if tok is None:
-            raise ConfigError(f"model.spec={cfg.model.spec!r} carries no tokenizer: set model.tokenizer")
+        model, tok = loaded.model, loaded.require_tokenizer("set model.tokenizer=PATH")
         pad_id, template = pad_id_of(tok), make_template(cfg.data)
         splits = dict(zip(("train", "val", "test"), load_splits(cfg)))
         data = {k: encode_examples(v, template, tok, cfg.data.max_len) for k, v in splits.items()}

@@ -140,7 +140,7 @@ def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "
         raise ConfigError(f"{recipe}: data.source={cfg.data.source!r} has no generation metric (alpaca: use perplexity)")
     precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
     loaded = load_model(cfg.model.spec, device=precision.device, tokenizer=cfg.model.tokenizer or None)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.model, loaded.require_tokenizer("set model.tokenizer=PATH")
     template = make_template(cfg.data)
     results: dict[str, Any] = {"task": task, "n_test": len(test), "dtype": cfg.precision.dtype}
     n = f"{len(test)} {task} test items"
