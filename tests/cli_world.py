@@ -95,7 +95,7 @@ def world_env(base: Path) -> dict[str, str]:
            "eval.perplexity=false", "eval.instructions=[]", "export_peft=false", "logging.progress=false",
            "lora.rank=2"]
     recipes = REPO / "recipes"
-    return {"base": str(base), "data": str(DATA), "tiny": f"{base}/tiny", "pt": f"{base}/pt/model.pt",
+    return {"base": str(base), "data": str(DATA), "repo": str(REPO), "tiny": f"{base}/tiny", "pt": f"{base}/pt/model.pt",
             "nan": f"{base}/nan", "truncated": f"{base}/truncated", "recipe": f"{base}/pretrain.yaml",
             "classify": f"{recipes}/classify/sst5-lora-smollm2.yaml out_dir=out " + " ".join(classify),
             "sft": f"{recipes}/sft/alpaca-lora-smollm2.yaml out_dir=out " + " ".join(sft),

@@ -21,7 +21,7 @@ import torch
 from lmlab.data.batch import IGNORE_INDEX, Batch
 from lmlab.data.instruct import Example, InstructBatches, Record, Template
 from lmlab.errors import DataError
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, read_text
 
 FIELDS = ("problem", "sample", "source", "solution", "answer", "reference", "correct")
 
@@ -47,10 +47,9 @@ def write_solutions(path: Path, solutions: Sequence[Solution]) -> None:
 def read_solutions(path: str | Path) -> list[Solution]:
     """A labelled set; a missing file, bad JSON or a missing field is a DataError naming the line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: labelled solutions not found (run `lmlab verifier sample` first)") from None
+    if not path.exists():
+        raise DataError(f"{path}: labelled solutions not found (run `lmlab verifier sample` first)")
+    lines = read_text(path, "labelled-solutions file").splitlines()
     out = []
     for i, line in enumerate(lines):
         if not line.strip():

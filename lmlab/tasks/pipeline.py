@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lmlab.adapters.files import load_adapter, save_merged
-from lmlab.errors import CheckpointError, ConfigError, LmlabError
+from lmlab.errors import CheckpointError, ConfigError, DataError, LmlabError
 from lmlab.fileio import FolderLock, atomic_write_text
 from lmlab.precision import peak_memory_mb, reset_peak_memory, resolve_device
 from lmlab.schema.load import apply_overrides, changed_keys, interpolate, read_recipe, save_config, to_dict, validate
@@ -150,6 +150,8 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
                 if _is_set(section, key):
                     raise ConfigError(f"{source}: {name}.{key} is set by the pipeline (the output model of stage "
                                       f"{cfg.stages[i - 1]}); remove it, or make {name} the first stage")
+    if cfg.report.wikitext and not Path(cfg.report.wikitext).is_file():  # read at the end: checked now
+        raise DataError(f"{source}: report.wikitext={cfg.report.wikitext}: no such file")
     first = cfg.stages[0]
     _check_model(f"{source}: {first}.{STAGES[first].inputs[0]}", _get(getattr(cfg, first), STAGES[first].inputs[0]))
     return cfg
