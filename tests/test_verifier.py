@@ -20,6 +20,7 @@ from lmlab.data.verifier import (
     write_solutions,
 )
 from lmlab.errors import ConfigError, DataError
+from lmlab.fileio import FolderLock
 from lmlab.model.config import ModelConfig
 from lmlab.model.heads import ScalarHead
 from lmlab.model.transformer import Transformer
@@ -186,7 +187,9 @@ def test_a_tiny_verifier_learns_to_tell_right_from_wrong(tmp_path, shared_data):
                "data.max_len=512")
     with pytest.raises(ConfigError, match="run `lmlab verifier sample` first"):
         run_train(cfg)
+    lock = FolderLock(out)  # as `verifier sample` writes them: in the locked run folder
     save_labelled(cfg, rows, {})
+    lock.release()
     summary = run_train(cfg)
     assert summary["examples"]["heldout_problems"] == 3
     assert summary["heldout"]["auc"] >= 0.9

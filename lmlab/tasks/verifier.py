@@ -61,7 +61,7 @@ from lmlab.schema.verifier import VerifierConfig
 from lmlab.tasks.sft import json_summary, make_template
 from lmlab.train.losses import verifier_loss
 from lmlab.train.optim import param_groups
-from lmlab.train.session import SUMMARY, Session
+from lmlab.train.session import SUMMARY, Session, check_run_folder
 from lmlab.weights.checkpoint import save_checkpoint
 from lmlab.weights.loading import load_model
 
@@ -163,7 +163,9 @@ def _check_meta(path: Path, want: dict[str, Any], what: str) -> bool:
 
 @contextlib.contextmanager
 def _locked(folder: str | Path) -> Iterator[None]:
-    """The run folder's lock (the one the training session takes) around sampling and evaluation."""
+    """The run folder's lock (the one the training session takes) around sampling and evaluation; as the
+    session does, a folder of someone else's files is refused first."""
+    check_run_folder(Path(folder))
     lock = FolderLock(folder)
     try:
         yield
