@@ -19,6 +19,8 @@ from lmlab.schema.load import load_config
 from lmlab.tasks.pipeline import DPO_AVAILABLE, STAGES, load_pipeline, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
+CHAIN = ["pretrain", "sft", "dpo", "verifier"] if DPO_AVAILABLE else ["pretrain", "sft", "verifier"]
+"""The tiny pipeline's stages: the whole chain once lmlab.tasks.dpo (issue 12) is in this lmlab."""
 
 
 def tiny_pipeline(folder: Path, data: Path) -> Path:
@@ -26,7 +28,7 @@ def tiny_pipeline(folder: Path, data: Path) -> Path:
     quiet = {"progress": False, "log_every": 1}
     recipe = {
         "out_dir": str(folder / "pipe"),
-        "stages": ["pretrain", "sft", "verifier"],
+        "stages": CHAIN,
         "pretrain": {
             "model": {"spec": "preset:modern-decoder", "dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
                       "max_seq_len": 256},
@@ -42,6 +44,12 @@ def tiny_pipeline(folder: Path, data: Path) -> Path:
             "lora": {"rank": 4, "alpha": 8}, "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 1},
             "checkpoint": {"every": 2}, "precision": {"dtype": "fp32"},
             "eval": {"perplexity": False, "instructions": []}, "logging": quiet},
+        "dpo": {
+            "adapter": "dpo", "export_peft": False,
+            "data": {"paths": [str(data / "hh-rlhf-harmless-base" / "test.jsonl")], "max_train": 8, "max_eval": 4,
+                     "max_len": 96, "max_prompt_len": 48},
+            "lora": {"rank": 4, "alpha": 8}, "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1},
+            "checkpoint": {"every": 2}, "precision": {"dtype": "fp32"}, "logging": quiet},
         "verifier": {
             "generator": {"samples": 2, "max_new_tokens": 6, "dtype": "fp32"},
             "data": {"problems": 4, "heldout": 0.5, "template": "alpaca", "max_len": 320},
@@ -73,20 +81,21 @@ def _curve(run: Path) -> dict[int, float]:
 def test_tiny_pipeline_end_to_end(finished):
     _, out = finished
     record = json.loads((out / "stages.json").read_text())
-    assert [record[s]["last"] for s in ("pretrain", "sft", "verifier")] == ["ran"] * 3
+    assert [record[s]["last"] for s in CHAIN] == ["ran"] * len(CHAIN)
     assert all(record[s]["wall_s"] > 0 and record[s]["peak_mem_mb"] > 0 for s in record)
     # each stage's output model is the next one's input
     pretrained = record["pretrain"]["model"]
     assert pretrained.endswith("checkpoints/step_0000004")
     assert yaml.safe_load((out / "sft" / "config.yaml").read_text())["model"]["spec"] == pretrained
     verifier_cfg = yaml.safe_load((out / "verifier" / "config.yaml").read_text())
-    assert verifier_cfg["generator"]["spec"] == record["sft"]["model"] == str(out / "sft" / "model")
+    generator = CHAIN[-2]  # the stage before the verifier: DPO once it is in this lmlab, else SFT
+    assert verifier_cfg["generator"]["spec"] == record[generator]["model"] == str(out / generator / "model")
     assert (out / "sft" / "model" / "model.safetensors").is_file()
     assert len(_curve(out / "pretrain")) == 4 and len(_curve(out / "sft")) == 4
     results = json.loads((out / "verifier" / "eval" / "results.json").read_text())
     assert results["n"] == [1, 2] and set(results["accuracy"]) == {"greedy", "majority", "verifier", "weighted", "oracle"}
     card = json.loads((out / "card.json").read_text())
-    assert list(card["models"]) == ["pretrain", "sft"]
+    assert list(card["models"]) == CHAIN[:-1]
     assert all(m["wikitext_ppl"] > 1 and "alpaca_conditional_ppl" in m and len(m["answers"]) == 1
                for m in card["models"].values())
     report = (out / "report.md").read_text()
@@ -94,22 +103,31 @@ def test_tiny_pipeline_end_to_end(finished):
                  "![bestofn](verifier/eval/bestofn.png)", "![loss_sft](report/loss_sft.png)", "### Name a color."):
         assert part in report
     assert (out / "report" / "loss_pretrain.png").is_file()
+    if DPO_AVAILABLE:  # SFT's merged model is DPO's policy and reference; the card reports its held-out pairs
+        assert yaml.safe_load((out / "dpo" / "config.yaml").read_text())["model"]["spec"] == record["sft"]["model"]
+        assert len(_curve(out / "dpo")) == 2
+        dpo = card["stages"]["dpo"]
+        summary = json.loads((out / "dpo" / "summary.json").read_text())
+        assert dpo["reward_accuracy"] == summary["after"]["test"]["implicit_accuracy"]
+        assert 0 <= dpo["reward_accuracy"]["value"] <= 1 and dpo["reward_accuracy"]["n"] > 0
+        assert "## DPO" in report and "held-out implicit-reward accuracy after: " in report
+        assert "win rate against the reference under the reward model: not measured" in report
 
 
 @pytest.mark.slow
 def test_rerun_skips_every_stage_and_keeps_the_report(finished, capsys):
     recipe, out = finished
-    before = {s: (out / s / "metrics.jsonl").read_text() for s in ("pretrain", "sft", "verifier")}
+    before = {s: (out / s / "metrics.jsonl").read_text() for s in CHAIN}
     report = (out / "report.md").read_text()
     capsys.readouterr()
     run_pipeline(load_pipeline(recipe))
     printed = capsys.readouterr().out
-    for stage in ("pretrain", "sft", "verifier"):
+    for stage in CHAIN:
         assert f"stage {stage} finished earlier" in printed
         assert (out / stage / "metrics.jsonl").read_text() == before[stage]
     assert "report.md exists; kept (--force rewrites it)" in printed and (out / "report.md").read_text() == report
     record = json.loads((out / "stages.json").read_text())
-    assert [record[s]["last"] for s in record] == ["skipped"] * 3 and record["sft"]["wall_s"] > 0
+    assert [record[s]["last"] for s in record] == ["skipped"] * len(CHAIN) and record["sft"]["wall_s"] > 0
     with pytest.raises(SystemExit) as exit_:  # a changed stage config is refused, naming the key
         main(["pipeline", str(recipe), "sft.lora.rank=8"])
     assert exit_.value.code == 1

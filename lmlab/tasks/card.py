@@ -25,7 +25,7 @@ from lmlab.errors import DataError
 from lmlab.evaluation.evaluate import sliding_window_perplexity
 from lmlab.evaluation.plots import plot_run_curve, read_metrics
 from lmlab.evaluation.sweep import markdown_table
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, read_text
 from lmlab.generation.generate import GenerationConfig, generate
 from lmlab.paths import data_dir
 from lmlab.precision import Precision, resolve_device
@@ -92,10 +92,7 @@ def wikitext_ppl(model: torch.nn.Module, tok: Any, r: ReportSection, device: tor
                  precision: Precision) -> dict[str, Any]:
     """Sliding-window perplexity of the first `ppl_tokens` tokens of the WikiText-2 test text."""
     path = Path(r.wikitext) if r.wikitext else data_dir() / "wikitext-2" / "test.txt"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"report.wikitext={path}: not found") from None
+    text = read_text(path, "report.wikitext text")
     if r.ppl_tokens:
         text = text[: r.ppl_tokens * CHARS_PER_TOKEN]
     ids = tok.encode(text, bos=bool(tok.add_bos and tok.bos_id is not None))
@@ -144,23 +141,21 @@ def stage_facts(name: str, cfg: Any, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def dpo_facts(summary: dict[str, Any]) -> dict[str, Any]:
-    """The DPO summary's held-out implicit-reward accuracy and win rate: the first keys (depth first) whose
-    names hold "accurac" and "win_rate" (issue 12 names them; see the pipeline notes in README)."""
-    found: dict[str, Any] = {}
+    """lmlab dpo's held-out results (lmlab/tasks/dpo.py summary.json): the reference's preference before,
+    the policy's implicit-reward accuracy after (each {value, low, high, n}: a Wilson 95% interval), and the
+    win rate against the reference under eval.reward_model when the DPO recipe names one."""
+    test_before, test_after = summary.get("before", {}).get("test", {}), summary.get("after", {}).get("test", {})
+    facts = {"reference_preference": test_before.get("reference_preference"),
+             "reward_accuracy": test_after.get("implicit_accuracy"),
+             "win_rate": summary.get("generation", {}).get("win_rate")}
+    return {k: v for k, v in facts.items() if v is not None}
 
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{path}.{k}" if path else str(k))
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            low = path.lower()
-            if "win_rate" in low and "win_rate" not in found:
-                found["win_rate"], found["win_rate_key"] = node, path
-            elif "accurac" in low and "test" in low and "reward_accuracy" not in found:
-                found["reward_accuracy"], found["reward_accuracy_key"] = node, path
 
-    walk(summary, "")
-    return found
+def _share(v: dict[str, Any] | None) -> str:
+    """A share with its Wilson 95% interval, as lmlab dpo reports it."""
+    if not v:
+        return "n/a"
+    return f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] on {v['n']}"
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -195,9 +190,11 @@ def render(cfg: PipelineBase, card: dict[str, Any], stages: dict[str, Any], reco
                    f"instruction on {first.get('alpaca_records', 0)} records of the SFT stage's test split."), ""]
     if "dpo" in cfg.stages:
         d = card["stages"]["dpo"]
-        accuracy, win = _round(d.get("reward_accuracy"), 3), _round(d.get("win_rate"), 3)
-        parts += ["## DPO", "", f"- held-out implicit-reward accuracy: {accuracy} (`{d.get('reward_accuracy_key')}`)",
-                  f"- win rate against the reference under the reward model: {win} (`{d.get('win_rate_key')}`)", ""]
+        parts += ["## DPO", "",
+                  f"- held-out pairs, reference preference (chosen more likely) before: {_share(d.get('reference_preference'))}",
+                  f"- held-out implicit-reward accuracy after: {_share(d.get('reward_accuracy'))}",
+                  "- win rate against the reference under the reward model: " + (_share(d["win_rate"]) if "win_rate" in d
+                  else "not measured (name a trained reward model in dpo.eval.reward_model)"), ""]
     if "verifier" in cfg.stages:
         parts += verifier_section(card["stages"]["verifier"], Path(stages["verifier"].out_dir), out)
     curves = []
