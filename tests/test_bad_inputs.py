@@ -38,6 +38,8 @@ from cli_world import (
     run_cli,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------------------------------------------- cases
 
 class Fmt(str):
@@ -623,13 +625,6 @@ def _safe(check: Check, tmp: Path, result: Outcome) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- the test
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
