@@ -21,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="score: write one JSON line of rewards per input here")
     p.add_argument("--batch-size", type=int, default=8, help="score: sequences per forward pass")
     p.add_argument("--device", default="cpu", help="score: cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="score: autocast dtype")
     p.set_defaults(func=_run)
 
 
@@ -34,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("usage: lmlab reward score RUN_DIR --data FILE [--out SCORES.jsonl]")
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size={args.batch_size}: expected a positive integer")
-        summary = score_file(args.overrides[0], args.data, args.out, args.batch_size, args.device)
+        summary = score_file(args.overrides[0], args.data, args.out, args.batch_size, args.device, args.dtype)
         print(json.dumps(summary, indent=2))
         return 0
     from lmlab.schema.reward import RewardConfig

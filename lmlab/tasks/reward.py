@@ -110,7 +110,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
             {**g, "lr": o.lr * cfg.reward.head_lr_mult} for g in param_groups(model.head, o.weight_decay)]
         result = session.fit(model, partial(reward_loss, center=cfg.reward.center), batches, max_steps=max_steps,
                              steps_per_epoch=batches.steps_per_epoch, evaluate=validation if val else None,
-                             groups=groups, trainable_only=cfg.reward.method == "lora",
+                             groups=groups, trainable_only=True,  # a SequenceClassifier is no Transformer checkpoint
                              flops_per_token=model.backbone.flops_per_token(cfg.data.max_len), tokenizer=tok)
         summary: dict[str, Any] = {"method": cfg.reward.method, "model": loaded.source,
                                    "data": {**info, **{k: v.summary() for k, v in data.items()}},
@@ -213,10 +213,10 @@ def score_file(run_dir: str | Path, data: str | Path, out: str | Path | None = N
     first = _first_object(Path(data))
     if "chosen" in first:
         read = read_pairs([data])
-        encoded = encode_pairs(read.pairs, scorer.fmt).pairs
-        rewards = scorer.score_pairs(encoded, batch_size)
-        rows = [{"source": p.where, "chosen": float(r[0]), "rejected": float(r[1])} for p, r in zip(encoded, rewards)]
-        summary = {"kind": "pairs", **reward_report(rewards, encoded), "skipped": dict(read.skipped)}
+        enc = encode_pairs(read.pairs, scorer.fmt)
+        rewards = scorer.score_pairs(enc.pairs, batch_size)
+        rows = [{"source": p.where, "chosen": float(r[0]), "rejected": float(r[1])} for p, r in zip(enc.pairs, rewards)]
+        summary = {"kind": "pairs", **reward_report(rewards, enc.pairs), "skipped": dict(read.skipped + enc.skipped)}
     else:
         items = read_completions(data)
         rewards = scorer.score([(p, c) for p, c, _ in items], batch_size)
