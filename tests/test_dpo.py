@@ -317,6 +317,7 @@ def _recipe(tmp_path, data, extra=()) -> list[str]:
             "logging.log_every=1", "schedule.warmup_steps=0", *extra]
 
 
+@pytest.mark.slow
 def test_tiny_dpo_run_raises_reward_accuracy_on_its_training_pairs(tmp_path, tok, shared_data):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
     lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:16]
@@ -354,6 +355,7 @@ def test_tiny_dpo_run_raises_reward_accuracy_on_its_training_pairs(tmp_path, tok
     assert run_dpo(cfg)["train"]["steps"] == s["train"]["steps"]
 
 
+@pytest.mark.slow
 def test_precomputed_and_full_runs_use_their_references(tmp_path, tok, shared_data):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
     lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:8]
@@ -401,6 +403,7 @@ def test_bad_data_is_one_line_error_and_leaves_an_earlier_run_untouched(tmp_path
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_trl_dpo_trainer_gives_the_same_loss_and_metrics(tmp_path, tok):
     trl = pytest.importorskip("trl", reason="TRL parity needs trl (the test extra installs it)")
     from datasets import Dataset

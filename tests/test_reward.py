@@ -64,6 +64,7 @@ def test_bradley_terry_equals_hand_computed_values():
     torch.testing.assert_close(bradley_terry_losses(chosen, rejected), torch.tensor([0.3132616875, 1.3132616875]))
 
 
+@pytest.mark.slow
 def test_reward_loss_equals_trl_reward_trainer_on_the_same_scores():
     trl = pytest.importorskip("trl", reason="TRL parity needs trl (the test extra installs it)")
     scores = torch.tensor([2.0, -1.0, 0.5, 0.3, 1.5, 0.7])  # 3 chosen, then 3 rejected
@@ -119,6 +120,7 @@ def _overrides(tmp_path, data, extra=()) -> list[str]:
             "schedule.warmup_steps=0", *extra]
 
 
+@pytest.mark.slow
 def test_tiny_reward_run_learns_saves_its_head_and_scores_files(tmp_path, tok, shared_data, capsys):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
     lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:16]

@@ -60,10 +60,6 @@ class Pair:
     where: str = ""
     margin: float | None = None
 
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
     def to_json(self) -> dict[str, Any]:
         """TRL's preference format (what pairs/{train,val,test}.jsonl hold), with the source line."""
         out: dict[str, Any] = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
