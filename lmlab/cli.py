@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 import lmlab.commands
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line like every other lmlab error (argparse prints the whole
+    usage first); subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmlab", description="lmlab: a language-model lab.")
+    parser = Parser(prog="lmlab", description="lmlab: a language-model lab.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(lmlab.commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):  # shared helpers, not commands
@@ -39,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
         result = args.func(args)
     except LmlabError as err:  # user errors: one clear line, no traceback
         print(f"lmlab {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: the user knows why; runs resume from their last checkpoint
+        print(f"\nlmlab {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `lmlab info MODEL | head`: the reader left; nothing to report
+        sys.stdout = open(os.devnull, "w")
         sys.exit(1)
     if isinstance(result, int):
         sys.exit(result)

@@ -19,3 +19,12 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def cli_world(tmp_path_factory) -> dict[str, str]:
+    """Tiny models, a corpus, recipes and finished runs for the command-line reliability tests
+    (tests/cli_world.py); built once, only read."""
+    from cli_world import build_world
+
+    return build_world(tmp_path_factory.mktemp("cli-world"))

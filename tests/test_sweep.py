@@ -88,7 +88,9 @@ def test_failed_run_is_reported_and_others_still_run(tmp_path: Path, shared_data
     result = sweep.run_sweep(cfg, recipe, fake_runner({"ok": 1.0}), log=lambda _: None)
     assert list(result.failed) == ["broken"] and result.ran == ["ok"]
     rows = read_csv(tmp_path / "sw" / "results.csv")
-    assert [(r["run"], r["status"]) for r in rows] == [("broken", "pending"), ("ok", "done")]
+    assert [(r["run"], r["status"]) for r in rows] == [("broken", "failed"), ("ok", "done")]  # not "pending"
+    assert rows[0]["error"] == "boom"
+    assert "| broken | failed |" in (tmp_path / "sw" / "results.md").read_text()
 
 
 def test_plan_checks_keys_devices_round_robin_and_threads(tmp_path: Path, shared_data: Path) -> None:

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "classify.method=lora optim.lr=5e-4 data.max_train=200.",
     )
     add_recipe_arguments(p, "recipes/classify/sst5-lora-smollm2.yaml")
-    p.add_argument("--seeds", default="", help="comma-separated seeds: one run each, then mean +/- std")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (>= 0): one run each, then mean +/- std")
     p.set_defaults(func=_run)
 
 
@@ -26,6 +26,8 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
     if any(s < 0 for s in seeds):
         raise ConfigError(f"--seeds {text!r}: seeds are >= 0")
+    if len(set(seeds)) != len(seeds):  # the same run twice would count twice in the mean and std
+        raise ConfigError(f"--seeds {text!r}: each seed once")
     return seeds
 
 

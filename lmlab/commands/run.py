@@ -14,14 +14,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "model.n_layers=2. Under `torchrun --nproc_per_node N -m lmlab run ...` it trains with DDP.",
     )
     add_recipe_arguments(p, "recipes/pretrain/shakespeare-char.yaml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the parameters, the memory estimate and whether it fits, and exit without training")
+    p.add_argument("--device-memory", type=float, default=0.0, metavar="GB",
+                   help="with --dry-run: the device memory to check against (default: the recipe's device's)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from lmlab.schema.pretrain import PretrainConfig
-    from lmlab.tasks.pretrain import run_pretrain
+    from lmlab.tasks.pretrain import dry_run, run_pretrain
 
     cfg = load_recipe(args, PretrainConfig)
-    if cfg is not None:
+    if cfg is not None and args.dry_run:
+        print(dry_run(cfg, args.device_memory))
+    elif cfg is not None:
         run_pretrain(cfg)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmlab.commands._args import at_least
 from lmlab.errors import ConfigError
 
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a recipe key and its values; several --grid flags make a product")
     p.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2 (mean +/- std per point)")
     p.add_argument("--devices", default="", help="comma-separated devices given round-robin, e.g. cpu,cuda:0")
-    p.add_argument("--jobs", type=int, default=0, help="runs at the same time (processes); default 1")
+    p.add_argument("--jobs", type=at_least(1), default=0, help="runs at the same time (processes); default 1")
     p.add_argument("--out", default="", help="sweep folder (default runs/sweeps/<file name>)")
     p.add_argument("--in-process", action="store_true",
                    help="run each point inside this process, one after another (no start-up cost; no devices/jobs)")
@@ -84,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     for path in result.tables:
         print(f"table: {path}")
     if result.failed:
+        from lmlab.evaluation.sweep import RunFailed
+
         for name, err in result.failed.items():
             print(f"failed: {name}: {err}")
-        return 1
+        raise RunFailed(f"{len(result.failed)} of {len(result.ran) + len(result.failed)} run(s) failed "
+                        f"({', '.join(result.failed)}); see {result.sweep_dir / 'results.md'}")
     return 0

@@ -32,6 +32,7 @@ import torch
 
 from lmlab.data.batch import IGNORE_INDEX, Batch
 from lmlab.errors import ConfigError, DataError
+from lmlab.fileio import read_text
 
 Record = dict[str, Any]  # instruction, input, output (str) + optional extra fields
 
@@ -55,10 +56,7 @@ ALPACA_MARKER = "### Response:"
 def read_alpaca(path: str | Path) -> list[Record]:
     """An Alpaca JSON array (or JSONL). `instruction` and `output` are required; `input` may be absent."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: instruction data not found") from None
+    text = read_text(path, "instruction data")
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
     except json.JSONDecodeError as err:

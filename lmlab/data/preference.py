@@ -42,7 +42,7 @@ import torch
 from lmlab.data.batch import Batch, right_pad
 from lmlab.data.instruct import InstructBatches, split_records
 from lmlab.errors import ConfigError, DataError
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, read_text
 
 Message = dict[str, str]
 Text = str | list[Message]  # a string, or chat messages [{"role", "content"}, ...]
@@ -87,7 +87,9 @@ def read_pairs(paths: list[str | Path], fmt: str = "auto") -> PairFile:
         raise ConfigError(f"data.format={fmt!r}: expected auto, trl or hh")
     out = PairFile()
     for path in paths:
+        lines = 0
         for lineno, row in read_json_lines(Path(path)):
+            lines += 1
             where = f"{path}:{lineno}"
             pair = parse_pair(row, where, fmt)
             if isinstance(pair, str):
@@ -95,25 +97,21 @@ def read_pairs(paths: list[str | Path], fmt: str = "auto") -> PairFile:
                 out.skipped_where.append(where)
             else:
                 out.pairs.append(pair)
+        if not lines:
+            raise DataError(f"{path}: no preference pairs (the file is empty or blank); expected JSONL lines "
+                            "with prompt/chosen/rejected or HH-RLHF chosen/rejected dialogues")
     return out
 
 
 def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) of each non-blank line; bad bytes or JSON name the file and line."""
-    try:
-        raw = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        raise DataError(f"{path}: preference data not found (expected a JSONL file)") from None
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
+    """(line number, parsed object) of each non-blank line; a missing file, bad bytes or bad JSON name the
+    file (and line): lmlab.fileio.read_text."""
+    text = read_text(path, "preference data file (JSONL)")
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not UTF-8 (byte {err.start}: "
-                            f"{line[err.start:err.start + 4]!r})") from None
-        try:
-            yield lineno, json.loads(text)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
 

@@ -101,8 +101,8 @@ Runner = Callable[[Path, RunSpec], None]  # (recipe, spec) -> None; raises on fa
 def is_sweep_file(path: str | Path) -> bool:
     """A sweep file names its base `recipe`; a recipe never has that key."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, not YAML: the recipe loader says so
         return False
     return isinstance(data, dict) and "recipe" in data
 
@@ -253,12 +253,12 @@ def run_sweep(
             return
         with lock:
             result.ran.append(spec.name)
-            write_tables(specs, sweep_dir, cfg.metrics)  # the table grows as runs finish
+            write_tables(specs, sweep_dir, cfg.metrics, result.failed)  # the table grows as runs finish
         log(f"done {spec.name}")
 
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
         list(pool.map(one, pending))
-    result.tables = write_tables(specs, sweep_dir, cfg.metrics)
+    result.tables = write_tables(specs, sweep_dir, cfg.metrics, result.failed)
     result.plots = write_plots(specs, sweep_dir)
     if not result.failed:
         _run_after(cfg, sweep_dir, log)
@@ -278,17 +278,22 @@ def _run_after(cfg: SweepConfig, sweep_dir: Path, log: Callable[[str], None]) ->
 # results
 
 
-def collect(specs: list[RunSpec]) -> list[dict[str, Any]]:
-    """One row per run: name, point, seed, status, overrides, then every scalar of its summary.json."""
+def collect(specs: list[RunSpec], failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per run: name, point, seed, status, overrides, then every scalar of its summary.json.
+    status: done (summary.json), failed (with the error), started (a folder without a summary: running,
+    or stopped without finishing) or pending (not started)."""
     rows = []
+    failed = failed or {}
     for spec in specs:
         row: dict[str, Any] = {"run": spec.name, "point": spec.point, "seed": spec.seed}
         if spec.finished:
             summary = json.loads((spec.run_dir / SUMMARY).read_text())
             row["status"] = "done"
             row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None})
+        elif spec.name in failed:
+            row["status"], row["error"] = "failed", failed[spec.name]
         else:
-            row["status"] = "pending"
+            row["status"] = "started" if spec.run_dir.is_dir() else "pending"
         row["overrides"] = " ".join(spec.overrides)
         rows.append(row)
     return rows
@@ -308,13 +313,15 @@ def aggregate(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, 
     return out
 
 
-def write_tables(specs: list[RunSpec], sweep_dir: Path, metrics: list[str]) -> list[Path]:
+def write_tables(specs: list[RunSpec], sweep_dir: Path, metrics: list[str],
+                 failed: dict[str, str] | None = None) -> list[Path]:
     """results.csv (every run, every scalar), results.md; with seeds also points.csv (mean/std)."""
-    rows = collect(specs)
+    rows = collect(specs, failed)
     paths = [sweep_dir / "results.csv", sweep_dir / "results.md"]
     atomic_write_text(paths[0], to_csv(rows))
     shown = [m for m in metrics if any(m in r for r in rows)]
-    md = ["# Sweep results", "", markdown_table(rows, ["run", "status", *shown])]
+    errors = ["error"] if any("error" in r for r in rows) else []
+    md = ["# Sweep results", "", markdown_table(rows, ["run", "status", *shown, *errors])]
     if any(s.seed is not None for s in specs):
         points = aggregate(rows, shown)
         paths.append(sweep_dir / "points.csv")

@@ -206,6 +206,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "llama2c-stories15m": dict(_LLAMA2C, vocab_size=32000, dim=288, n_layers=6, n_heads=6, max_seq_len=256),
     "llama2c-stories42m": dict(_LLAMA2C, vocab_size=32000, dim=512, n_layers=8, n_heads=8, max_seq_len=1024),
+    # seed 002 (the minllama assignment): stories42M's shape with LayerNorm (gain only, no bias) in place of RMSNorm
+    "minillama-stories42m": dict(_LLAMA2C, norm="layernorm", norm_bias=False, vocab_size=32000, dim=512, n_layers=8,
+                                 n_heads=8, max_seq_len=1024),
     "llama2c-stories110m": dict(_LLAMA2C, vocab_size=32000, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "smollm2-135m": dict(
         _LLAMA2C, vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,

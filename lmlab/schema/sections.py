@@ -39,7 +39,11 @@ class ModelSection(Section):
             return data
         own = set(cls.model_fields)
         out = {k: v for k, v in data.items() if k in own}
-        overrides = dict(out.get("overrides") or {}) if isinstance(out.get("overrides") or {}, dict) else {}
+        given = out.get("overrides")
+        if given is not None and not isinstance(given, dict):  # never silently dropped
+            raise ValueError(f"model.overrides={given!r}: expected a mapping of ModelConfig fields, got "
+                             f"{type(given).__name__}")
+        overrides = dict(given or {})
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         for key, value in data.items():
             if key in own:
@@ -47,6 +51,9 @@ class ModelSection(Section):
             if key not in model_fields:
                 raise ValueError(f"unknown key model.{key}; expected one of {sorted(own - {'overrides'})} or a "
                                  f"ModelConfig field {sorted(model_fields)}")
+            if key in overrides and overrides[key] != value:  # which one was meant cannot be told: say so
+                raise ValueError(f"model.{key} is set twice (model.{key}={value!r} and model.overrides.{key}="
+                                 f"{overrides[key]!r}); set it once")
             overrides[key] = value
         for key, value in overrides.items():
             if key not in model_fields:

@@ -105,9 +105,7 @@ def run_one(cfg: ClassifyConfig) -> dict[str, Any]:
         splits = read_splits(cfg)
         loaded = load_model(cfg.model.spec, device=session.device, dtype=torch.float32,
                             tokenizer=cfg.model.tokenizer or None, overrides=cfg.model.overrides)
-        tokenizer = loaded.tokenizer
-        if tokenizer is None:
-            raise ConfigError(f"model.spec={cfg.model.spec!r} carries no tokenizer: set model.tokenizer")
+        tokenizer = loaded.require_tokenizer("set model.tokenizer=PATH")
         fmt = input_format(cfg, tokenizer, splits.label_names)
         encoded, truncated = {}, {}
         for name, data in splits.data.items():
@@ -127,7 +125,7 @@ def run_one(cfg: ClassifyConfig) -> dict[str, Any]:
         t_pred = time.perf_counter()
         for name in SPLITS:
             if name in splits.data:
-                preds = known.get(name) or predict(encoded[name])
+                preds = known.get(name) or predict(encoded[name], _desc(cfg, name, len(encoded[name])))
                 result[name] = _evaluate_split(cfg, name, splits, preds, session.out)
         result["predict_time_s"] = time.perf_counter() - t_pred
         if cfg.classify.save_model and cfg.classify.method != "zeroshot":
@@ -170,7 +168,7 @@ def train_classifier(session: Session, cfg: ClassifyConfig, model: SequenceClass
     dev_preds: dict[int, list[int]] = {}
 
     def dev_accuracy(model_: nn.Module, step: int) -> dict[str, dict[str, float]]:
-        preds = dev_preds[step] = predict(encoded["dev"])
+        preds = dev_preds[step] = predict(encoded["dev"], _desc(cfg, f"dev at step {step}", len(encoded["dev"])))
         labels = splits.data["dev"].labels
         return {"dev": {"accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
                         "epoch": step / batches.steps_per_epoch}}
@@ -188,16 +186,22 @@ def train_classifier(session: Session, cfg: ClassifyConfig, model: SequenceClass
     return summary, ({"dev": dev_preds[kept]} if kept in dev_preds else {})
 
 
+def _desc(cfg: ClassifyConfig, split: str, n: int) -> str:
+    """The progress bar's label (empty = no bar, with logging.progress=false)."""
+    return f"{cfg.classify.method} {split} ({n} examples)" if cfg.logging.progress else ""
+
+
 def _head_predictor(cfg: ClassifyConfig, model: SequenceClassifier, tokenizer, precision):
     pad = pad_id_of(tokenizer)
-    return lambda seqs: predict_logits(model, seqs, pad, cfg.classify.eval_batch_size, precision).argmax(-1).tolist()
+    return lambda seqs, desc="": predict_logits(model, seqs, pad, cfg.classify.eval_batch_size, precision,
+                                                desc).argmax(-1).tolist()
 
 
 def _zero_shot_predictor(cfg: ClassifyConfig, model: nn.Module, tokenizer, precision):
     verbalizers = zero_shot_verbalizers(cfg, tokenizer)
     pad = pad_id_of(tokenizer)
-    return lambda seqs: zero_shot_scores(model, seqs, verbalizers, pad, cfg.classify.eval_batch_size, precision,
-                                         cfg.classify.score).argmax(-1).tolist()
+    return lambda seqs, desc="": zero_shot_scores(model, seqs, verbalizers, pad, cfg.classify.eval_batch_size,
+                                                  precision, cfg.classify.score, desc).argmax(-1).tolist()
 
 
 def zero_shot_verbalizers(cfg: ClassifyConfig, tokenizer) -> list[list[int]]:

@@ -42,7 +42,7 @@ from lmlab.evaluation.metrics import mean_interval, proportion_interval
 from lmlab.fileio import atomic_write, atomic_write_text
 from lmlab.generation.generate import length_batches
 from lmlab.model.heads import SequenceClassifier
-from lmlab.precision import Precision
+from lmlab.precision import Precision, resolve_device
 from lmlab.schema.dpo import PreferenceDataSection
 from lmlab.schema.reward import RewardConfig
 from lmlab.tasks.preference import encode_splits, plot_curves, preference_format, read_splits
@@ -189,9 +189,13 @@ def load_reward_model(run_dir: str | Path, device: str | torch.device = "cpu", d
         meta = json.loads((run_dir / META).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir}: no {META}; expected a finished `lmlab reward` run folder") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{run_dir / META}: not valid JSON ({err})") from None
-    precision = Precision(torch.device(device), dtype)
+    except ValueError as err:  # bad JSON or bytes that are not UTF-8
+        raise CheckpointError(f"{run_dir / META}: not valid JSON text ({err})") from None
+    keys = ("method", "model", "tokenizer", "overrides", "dropout", "data")
+    if not isinstance(meta, dict) or any(k not in meta for k in keys):
+        raise CheckpointError(f"{run_dir / META}: expected an object with the keys {', '.join(keys)}; "
+                              "rerun `lmlab reward` to write it again")
+    precision = Precision(resolve_device(device, "--device"), dtype)
     spec = meta["model"] if meta["method"] == "lora" else run_dir / "model"
     loaded = load_model(spec, device=precision.device, tokenizer=meta["tokenizer"] or None,
                         overrides=meta["overrides"] if meta["method"] == "lora" else None)

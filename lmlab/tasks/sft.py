@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.adapters.files import export_peft, save_adapter
+from lmlab.adapters.files import export_peft, peft_unsupported, save_adapter
 from lmlab.adapters.lora import apply_lora
 from lmlab.data import qa, tasks
 from lmlab.data.batch import IGNORE_INDEX, pad_id_of
@@ -29,13 +29,14 @@ from lmlab.data.instruct import (
     InstructBatches,
     Record,
     Template,
+    check_record,
     encode_examples,
     example_eval_batches,
     read_alpaca,
     split_records,
 )
 from lmlab.data.qa import permute_options
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, DataError
 from lmlab.fileio import atomic_write_text
 from lmlab.generation.generate import GenerationConfig, generate
 from lmlab.precision import Precision
@@ -77,14 +78,21 @@ def perplexities(model: nn.Module, examples: list[Example], pad_id: int, batch_s
 
 
 def read_records(source: str, paths: list[str]) -> list[Record]:
-    """Records of every file, pooled; the reader is chosen by `data.source`."""
+    """Records of every file, pooled; the reader is chosen by `data.source`. Every file must hold at least
+    one record, and every record string instruction/input/output fields (whatever its reader)."""
     readers = {"alpaca": read_alpaca, "mcq": qa.mcq_records, "saq": qa.saq_records,
                "dialogsum": tasks.dialogsum_records, "gsm8k": tasks.gsm8k_records, "sst2": tasks.sst2_records}
     if source not in readers:
         raise ConfigError(f"data.source={source!r}: expected one of {list(readers)}")
     if not paths:
         raise ConfigError("data.paths is empty: name the data file(s), e.g. data.paths=[${data_dir}/alpaca/alpaca_small.json]")
-    return [r for p in paths for r in readers[source](p)]
+    out = []
+    for path in paths:
+        records = readers[source](path)
+        if not records:
+            raise DataError(f"{path}: no records (the file is empty); expected {source} data")
+        out += [check_record(r, f"{path}: record {i}") for i, r in enumerate(records)]
+    return out
 
 
 def make_template(d: InstructDataSection) -> Template:
@@ -118,9 +126,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     with Session(cfg) as session:
         loaded = load_model(cfg.model.spec, device=session.device, tokenizer=cfg.model.tokenizer or None,
                             overrides=cfg.model.overrides)
-        model, tok = loaded.model, loaded.tokenizer
-        if tok is None:
-            raise ConfigError(f"model.spec={cfg.model.spec!r} carries no tokenizer: set model.tokenizer")
+        model, tok = loaded.model, loaded.require_tokenizer("set model.tokenizer=PATH")
         pad_id, template = pad_id_of(tok), make_template(cfg.data)
         splits = dict(zip(("train", "val", "test"), load_splits(cfg)))
         data = {k: encode_examples(v, template, tok, cfg.data.max_len) for k, v in splits.items()}
@@ -134,6 +140,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         if session.finished(max_steps):
             return json_summary(session)
         summary: dict[str, Any] = {"adapter": name, "data": {k: v.summary() for k, v in data.items()}}
+        no_peft = peft_unsupported(model) if cfg.export_peft else None
+        if no_peft:  # said before training, so the run still ends with its adapter and summary
+            print(f"note: export_peft skipped: {no_peft}; the adapter is saved in lmlab's format only")
         test = data["test"].examples
         if e.perplexity and test:
             summary["before"] = perplexities(model, test, pad_id, e.batch_size, session.precision)
@@ -152,7 +161,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
             summary["samples"] = dict(samples)
         save_adapter(model, session.out / "adapters" / name)
         if cfg.export_peft:
-            export_peft(model, session.out / "adapters" / f"{name}-peft")
+            summary["peft"] = f"skipped: {no_peft}" if no_peft else \
+                str(export_peft(model, session.out / "adapters" / f"{name}-peft"))
         return session.finish(summary, line=_line(session, summary))
 
 

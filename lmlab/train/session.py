@@ -16,6 +16,7 @@ so a new objective is a loss function and a setup, never a new loop or a fifth c
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -25,11 +26,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
+import yaml
 from torch import nn
 
 from lmlab.data.batch import Batch
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.fileio import FolderLock, atomic_write_text
+from lmlab.fileio import LOCK_FILE, FolderLock, atomic_write_text
 from lmlab.model.transformer import unwrap
 from lmlab.precision import Precision, peak_flops, peak_memory_mb, resolve_device
 from lmlab.schema.load import changed_keys, save_config
@@ -67,8 +69,10 @@ class Session:
         seed_everything(cfg.train.seed)
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                          is_main=self.is_main)
-        self._lock = FolderLock(self.out) if self.is_main else None
+        self._lock: FolderLock | None = None
         try:
+            check_run_folder(self.out)  # before the lock file: never write into a folder of someone else's
+            self._lock = FolderLock(self.out) if self.is_main else None
             self._check_folder()
             if self.is_main:
                 for name in self.checkpointer.clean():
@@ -250,6 +254,30 @@ class Session:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_run_folder(out: Path) -> None:
+    """A run writes config.yaml, metrics.jsonl, summary.json, checkpoints/ into out_dir: it must be new,
+    empty, or an earlier lmlab run's folder, never a folder of someone else's files (out_dir=. in a project,
+    a folder of runs) whose files of those names it would overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir={out}: is a file, expected a run folder; nothing was written")
+    if not out.is_dir() or (out / LOCK_FILE).exists() or _is_run_config(out / "config.yaml"):
+        return
+    entries = sorted(p.name for p in itertools.islice(out.iterdir(), 6))
+    if entries:
+        raise ConfigError(f"out_dir={out}: holds files lmlab did not write ({', '.join(entries[:5])}"
+                          f"{', ...' if len(entries) > 5 else ''}); a run needs a new or empty folder, or an "
+                          "earlier run's; nothing was written")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` is the config.yaml an lmlab run wrote (a mapping with out_dir and train)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return path.is_file()  # unreadable: _check_folder reports it by name
+    return isinstance(data, dict) and "out_dir" in data and "train" in data
 
 
 def _step_of(folder: Path) -> int:

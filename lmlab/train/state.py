@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import random
 import re
 import shutil
@@ -23,14 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmlab.errors import CheckpointError
 from lmlab.fileio import atomic_replace_dir
 from lmlab.model.transformer import unwrap
-from lmlab.weights.build import load_state_into
+from lmlab.weights.build import load_state_into, nonfinite_tensors
 from lmlab.weights.checkpoint import WEIGHTS, save_checkpoint
 
 STATE_FILE = "train_state.pt"
@@ -177,8 +175,7 @@ class Checkpointer:
 
 def nonfinite_parameters(model: nn.Module, trainable_only: bool = False) -> list[str]:
     """Names of parameters holding NaN or inf (a diverged update must never be saved as a checkpoint)."""
-    return [k for k, p in model.named_parameters()
-            if (p.requires_grad or not trainable_only) and not bool(torch.isfinite(p.detach()).all())]
+    return nonfinite_tensors({k: p.detach() for k, p in model.named_parameters() if p.requires_grad or not trainable_only})
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -210,6 +207,9 @@ def load_train_state(folder: str | Path, model: nn.Module, optimizer: torch.opti
     """Restore weights, optimizer, scaler and this rank's RNG from a step checkpoint."""
     folder = Path(folder)
     state = _read(folder, STATE_FILE, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    if not isinstance(state, dict) or not {"progress", "optimizer", "rng", "scaler"} <= state.keys():
+        raise CheckpointError(f"{folder / STATE_FILE}: not an lmlab training state (expected progress, optimizer, "
+                              "rng and scaler)")
     raw = unwrap(model)
     if _is_sharded(raw) and not (folder / TRAINABLE_FILE).is_file():  # FSDP: every rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -237,6 +237,8 @@ def load_weights(folder: str | Path, model: nn.Module) -> None:
     folder, raw = Path(folder), unwrap(model)
     if (folder / TRAINABLE_FILE).is_file():
         weights = _read(folder, TRAINABLE_FILE, lambda f: load_file(str(f)))
+        if nonfinite_tensors(weights):
+            raise CheckpointError(f"{folder / TRAINABLE_FILE}: {nonfinite_tensors(weights)[:4]} hold NaN or inf values")
         params = {k: p for k, p in raw.named_parameters() if p.requires_grad}
         if params.keys() != weights.keys():
             missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
@@ -255,5 +257,5 @@ def _read(folder: Path, name: str, read: Any) -> Any:
     """read(folder / name), with an unreadable or truncated file as a CheckpointError naming it."""
     try:
         return read(folder / name)
-    except (OSError, RuntimeError, ValueError, SafetensorError, EOFError, pickle.UnpicklingError) as err:
+    except Exception as err:  # a damaged file fails in many ways (struct.error, BadZipFile, ...): all unreadable
         raise CheckpointError(f"{folder / name}: unreadable checkpoint file ({' '.join(str(err).split())[:200]})") from None

@@ -20,15 +20,16 @@ from typing import Any
 import torch
 
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import check_output_dir
 from lmlab.model.config import ModelConfig, get_preset
 from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
-from lmlab.precision import DTYPES
+from lmlab.precision import DTYPES, resolve_device
 from lmlab.tokenization import SIDECAR, load_tokenizer
 from lmlab.weights.build import build_model
-from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint, model_state, save_checkpoint
+from lmlab.weights.checkpoint import CHECKPOINT_KIND, is_checkpoint, load_checkpoint, model_state, save_checkpoint
 from lmlab.weights.gguf import load_gguf
-from lmlab.weights.hf import is_hf_dir, load_hf, save_hf
+from lmlab.weights.hf import HF_KIND, is_hf_dir, load_hf, save_hf
 from lmlab.weights.hub import looks_like_hub_name, snapshot
 from lmlab.weights.llama2c import load_llama2c_bin, load_llama2c_pt
 
@@ -49,6 +50,13 @@ class LoadedModel:
     source: str  # the file or folder the weights were read from (or the preset)
     kind: str  # gguf | llama2c | llama2c-pt | lmlab | hf | preset
 
+    def require_tokenizer(self, how: str = "pass --tokenizer PATH") -> Any:
+        """The tokenizer, or a ConfigError saying `how` to give one (a llama2.c .pt, say, carries none)."""
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.source}: no tokenizer came with this model; {how} (a tokenizer.model or "
+                              "tokenizer.bin beside a llama2.c file is found by itself)")
+        return self.tokenizer
+
 
 def load_model(
     spec: str | Path,
@@ -67,7 +75,7 @@ def load_model(
     with them; loaded weights go into a model of the changed config, e.g. another dropout). vocab_size:
     the tokenizer's size: a preset is built with it, a loaded model must have at least that many rows.
     """
-    dtype = _resolve_dtype(dtype)
+    dtype, device = _resolve_dtype(dtype), resolve_device(device, "device")
     spec, overrides = str(spec), dict(overrides or {})
     if spec.startswith("preset:"):
         if vocab_size and "vocab_size" not in overrides:
@@ -88,6 +96,9 @@ def load_model(
                           f"tokenizer's {vocab_size}")
     if tokenizer is not None:
         loaded.tokenizer = _as_tokenizer(tokenizer)
+        if loaded.tokenizer.vocab_size > loaded.model.config.vocab_size:  # its ids would crash the embedding
+            raise ConfigError(f"tokenizer {tokenizer}: {loaded.tokenizer.vocab_size} ids, more than the "
+                              f"{loaded.model.config.vocab_size} rows of {spec}'s embedding; use the model's own")
     return loaded
 
 
@@ -172,15 +183,19 @@ def _as_tokenizer(tokenizer: Any) -> Any:
 CONVERT_TARGETS = ("lmlab", "hf")
 
 
-def convert(spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtype | str | None = None) -> Path:
-    """Load any spec and write it as an lmlab checkpoint or a Hugging Face folder (with its tokenizer)."""
+def convert(spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtype | str | None = None,
+            force: bool = False) -> Path:
+    """Load any spec and write it as an lmlab checkpoint or a Hugging Face folder (with its tokenizer).
+    out_dir must be new, empty or an earlier export of the same kind, unless `force` (lmlab.fileio)."""
     if to not in CONVERT_TARGETS:
         raise ConfigError(f"--to {to!r}: expected one of {list(CONVERT_TARGETS)}")
+    check_output_dir(out_dir, HF_KIND if to == "hf" else CHECKPOINT_KIND, force=force,  # before a slow load
+                     legacy=None if to == "hf" else is_checkpoint)
     loaded = load_model(spec, dtype=dtype)
     if to == "hf":
-        return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer)
+        return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer, force=force)
 
-    return save_checkpoint(loaded.model, out_dir, tokenizer=loaded.tokenizer,
+    return save_checkpoint(loaded.model, out_dir, tokenizer=loaded.tokenizer, force=force,
                            metadata={"converted_from": loaded.source, "source_kind": loaded.kind})
 
 
