@@ -165,6 +165,15 @@ def not_exists(*paths: str) -> Check:
     return lambda tmp, out, err: not any((tmp / p).exists() for p in paths)
 
 
+def _ties_with_itself(run: Path) -> bool:
+    """A policy one step of lr 1e-12 away from its reference samples the same texts under the same seed, so
+    the reward model scores them equally: every prompt a tie, win rate exactly 0.5."""
+    g = json.loads((run / "summary.json").read_text())["generation"]
+    rows = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    return (g["n"] == len(rows) == 3 and g["ties"] == 3 and g["win_rate"]["value"] == 0.5
+            and all(r["reference"] == r["policy"] for r in rows))
+
+
 NON_UTF8 = b"caf\xe9 \xff\xfe not utf-8\n"
 MCQ_ROW = "What is 1+1?,1,2,3,4,B"
 RUN = "run {recipe} out_dir=out"
@@ -429,6 +438,9 @@ CASES: list[Case] = [
     Case("dpo-changed-config", f"{DPO} out_dir=dpo-run dpo.beta=0.5", setup=copy("dpo-run"),
          words=("different config", "dpo.beta"), keep=("dpo-run",)),
     Case("dpo-reward-model-missing", f"{DPO} eval.reward_model=nope eval.prompts=2", words=("nope",)),
+    Case("dpo-generation-check", control=True, code=0, check=lambda tmp, out, err: _ties_with_itself(tmp / "out"),
+         cmd=f"{DPO} data.split=[4,1,3] eval.reward_model={{base}}/reward-run eval.prompts=3 eval.max_new_tokens=4 "
+         "optim.lr=1e-12"),
     Case("reward-ok", control=True, cmd=RWD, code=0, check=exists("out/reward_model.json", "out/adapter/adapter.safetensors")),
     Case("reward-missing-chosen", f"{RWD} data.paths=[p.jsonl]", files={"p.jsonl": PAIR * 7 + '{"prompt": "p", "rejected": "a"}\n'},
          words=("p.jsonl:8", "chosen")),
