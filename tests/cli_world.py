@@ -40,6 +40,8 @@ logging: {{log_every: 1, progress: false, peak_tflops: 0.1}}
 
 ALPACA = [{"instruction": f"Say the word {w}.", "input": "", "output": f"{w}."} for w in
           ("one", "two", "three", "four", "five", "six", "seven", "eight")]
+PAIRS = [{"prompt": f"Say the word {w}.", "chosen": f" {w}.", "rejected": f" no, {w} is not a word I say."}
+         for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")]
 GOOD = ["a great film", "truly great acting", "great fun", "a great story"]
 BAD = ["an awful mess", "awful acting", "dull and awful", "an awful plot"]
 
@@ -77,15 +79,19 @@ def build_world(base: Path) -> dict[str, str]:
     (base / "cls.txt").write_text("\n".join([f"1 ||| {t}" for t in GOOD] + [f"0 ||| {t}" for t in BAD]) + "\n")
     (base / "alpaca.json").write_text(json.dumps(ALPACA))
     (base / "pretrain.yaml").write_text(PRETRAIN.format(base=base))
+    (base / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     env = world_env(base)
     quiet_main(base, f"run {env['recipe']} out_dir={base}/run")  # finished runs that cases copy, then change
     quiet_main(base, f"classify {env['classify']} out_dir={base}/cls-run")
+    quiet_main(base, f"dpo {env['dpo']} out_dir={base}/dpo-run")
+    quiet_main(base, f"reward {env['reward']} out_dir={base}/reward-run")
     return env
 
 
 def world_env(base: Path) -> dict[str, str]:
     """The placeholders a command may use: {tiny} etc. name world files; {classify} and {sft} are a shipped
-    recipe plus overrides that make it a seconds-long run on the tiny models."""
+    recipe plus overrides that make it a seconds-long run on the tiny models (so are {dpo} and {reward}, on
+eight short preference pairs)."""
     classify = [f"model.spec={base}/char", f"data.train={base}/cls.txt", f"data.dev={base}/cls.txt",
                 f"data.test={base}/cls.txt", f"data.label_names={base}/labels.json", "classify.method=finetune",
                 "data.max_len=64", "train.max_steps=2", "train.batch_size=4", "schedule.warmup_fraction=0",
@@ -94,11 +100,17 @@ def world_env(base: Path) -> dict[str, str]:
            "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1", "precision.dtype=fp32",
            "eval.perplexity=false", "eval.instructions=[]", "export_peft=false", "logging.progress=false",
            "lora.rank=2"]
+    pairs = [f"model.spec={base}/tiny", f"data.paths=[{base}/pairs.jsonl]", "data.split=[6,1,1]", "data.max_len=48",
+             "data.max_prompt_len=24", "data.max_train=0", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1",
+             "precision.dtype=fp32", "logging.progress=false", "lora.rank=2", "schedule.warmup_steps=0"]
+    dpo = [*pairs, "dpo.precompute_reference=false", "eval.reward_model=", "eval.prompts=0", "export_peft=false"]
     recipes = REPO / "recipes"
     return {"base": str(base), "data": str(DATA), "repo": str(REPO), "tiny": f"{base}/tiny", "pt": f"{base}/pt/model.pt",
             "nan": f"{base}/nan", "truncated": f"{base}/truncated", "recipe": f"{base}/pretrain.yaml",
             "classify": f"{recipes}/classify/sst5-lora-smollm2.yaml out_dir=out " + " ".join(classify),
             "sft": f"{recipes}/sft/alpaca-lora-smollm2.yaml out_dir=out " + " ".join(sft),
+            "dpo": f"{recipes}/dpo/hh-rlhf-smollm2.yaml out_dir=out " + " ".join(dpo),
+            "reward": f"{recipes}/reward/hh-rlhf-smollm2.yaml out_dir=out " + " ".join(pairs),
             "stories": f"{DATA}/stories260K/stories260K.bin"}
 
 

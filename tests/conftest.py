@@ -28,3 +28,22 @@ def cli_world(tmp_path_factory) -> dict[str, str]:
     from cli_world import build_world
 
     return build_world(tmp_path_factory.mktemp("cli-world"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread hand-off dominates
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    """The embedded SmolLM2's tokenizer (read once per session)."""
+    from lmlab.paths import smollm2_gguf
+    from lmlab.tokenization import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf())

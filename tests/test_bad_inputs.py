@@ -38,6 +38,8 @@ from cli_world import (
     run_cli,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------------------------------------------- cases
 
 class Fmt(str):
@@ -165,6 +167,15 @@ def not_exists(*paths: str) -> Check:
     return lambda tmp, out, err: not any((tmp / p).exists() for p in paths)
 
 
+def _ties_with_itself(run: Path) -> bool:
+    """A policy one step of lr 1e-12 away from its reference samples the same texts under the same seed, so
+    the reward model scores them equally: every prompt a tie, win rate exactly 0.5."""
+    g = json.loads((run / "summary.json").read_text())["generation"]
+    rows = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    return (g["n"] == len(rows) == 3 and g["ties"] == 3 and g["win_rate"]["value"] == 0.5
+            and all(r["reference"] == r["policy"] for r in rows))
+
+
 NON_UTF8 = b"caf\xe9 \xff\xfe not utf-8\n"
 MCQ_ROW = "What is 1+1?,1,2,3,4,B"
 RUN = "run {recipe} out_dir=out"
@@ -172,6 +183,10 @@ GEN = "generate {tiny} --prompt Once --max-new-tokens 2 --temperature 0"
 PPL = "perplexity {tiny} --data {base}/corpus.txt --max-tokens 64 --context 32"
 CLS = "classify {classify}"
 SFT = "sft {sft}"
+DPO = "dpo {dpo}"
+RWD = "reward {reward}"
+SCORE = "reward score {base}/reward-run"
+PAIR = '{"prompt": "Say one.", "chosen": " one.", "rejected": " two."}\n'
 FOREIGN = {"runs/notes.txt": "my notes\n", "runs/exp1/config.yaml": "precious: true\n",
            "runs/exp1/metrics.jsonl": '{"step": 1, "loss": 2.0}\n'}
 
@@ -445,6 +460,59 @@ CASES: list[Case] = [
          words=("different config",), keep=("cls-run",)),
     Case("cls-changed-data", "classify {classify} out_dir=cls-run data.max_len=60", setup=copy("cls-run"),
          words=("different config", "data.max_len"), keep=("cls-run",)),
+    # ---- preference data (DPO and reward models): one error naming file:line; an earlier run is never touched
+    Case("dpo-ok", control=True, cmd=DPO, code=0, check=exists("out/adapters/dpo-hh/adapter.safetensors", "out/pairs/test.jsonl")),
+    Case("dpo-missing-rejected", f"{DPO} data.paths=[p.jsonl]", files={"p.jsonl": PAIR * 7 + '{"prompt": "p", "chosen": "a"}\n'},
+         words=("p.jsonl:8", "rejected")),
+    Case("dpo-identical-responses", f"{DPO} data.paths=[p.jsonl]",
+         files={"p.jsonl": PAIR * 7 + '{"prompt": "p", "chosen": "same", "rejected": "same"}\n'}, words=("p.jsonl:8", "identical")),
+    Case("dpo-empty-prompt", f"{DPO} data.paths=[p.jsonl]", files={"p.jsonl": PAIR * 7 + '{"prompt": " ", "chosen": "a", "rejected": "b"}\n'},
+         words=("p.jsonl:8", "empty prompt")),
+    Case("dpo-non-utf8", f"{DPO} data.paths=[p.jsonl]", files={"p.jsonl": PAIR.encode() * 3 + NON_UTF8}, words=("p.jsonl:4", "UTF-8")),
+    Case("dpo-bad-json", f"{DPO} data.paths=[p.jsonl]", files={"p.jsonl": PAIR * 2 + "{oops\n"}, words=("p.jsonl:3", "JSON")),
+    Case("dpo-not-object", f"{DPO} data.paths=[p.jsonl]", files={"p.jsonl": "[1, 2]\n"}, words=("p.jsonl:1", "object")),
+    Case("dpo-response-not-text", f"{DPO} data.paths=[p.jsonl]", files={"p.jsonl": '{"prompt": "p", "chosen": 3, "rejected": "b"}\n'},
+         words=("p.jsonl:1", "string")),
+    Case("dpo-data-missing", f"{DPO} data.paths=[nope.jsonl]", words=("nope.jsonl", "not found")),
+    Case("dpo-data-empty", f"{DPO} data.paths=[p.jsonl]", files={"p.jsonl": ""}, words=("p.jsonl",)),
+    Case("dpo-no-completion-left", f"{DPO} data.paths=[p.jsonl] data.max_prompt_len=0 data.max_len=4",
+         files={"p.jsonl": '{"prompt": "' + "a long prompt " * 20 + '", "chosen": "a", "rejected": "b"}\n' + PAIR * 7},
+         words=("p.jsonl:", "no completion token")),
+    Case("dpo-beta-zero", f"{DPO} dpo.beta=0", words=("dpo.beta=0",)),
+    Case("dpo-loss-unknown", f"{DPO} dpo.loss=kto", words=("dpo.loss",)),
+    Case("dpo-prompt-budget-past-max-len", f"{DPO} data.max_prompt_len=48", words=("max_prompt_len",)),
+    Case("dpo-bad-data-over-earlier-run", f"{DPO} out_dir=dpo-run data.paths=[p.jsonl]", setup=copy("dpo-run"),
+         files={"p.jsonl": PAIR * 7 + '{"prompt": "p", "chosen": "a"}\n'}, words=("p.jsonl:8",), keep=("dpo-run",)),
+    Case("dpo-changed-config", f"{DPO} out_dir=dpo-run dpo.beta=0.5", setup=copy("dpo-run"),
+         words=("different config", "dpo.beta"), keep=("dpo-run",)),
+    Case("dpo-reward-model-missing", f"{DPO} eval.reward_model=nope eval.prompts=2", words=("nope",)),
+    Case("dpo-generation-check", control=True, code=0, check=lambda tmp, out, err: _ties_with_itself(tmp / "out"),
+         cmd=f"{DPO} data.split=[4,1,3] eval.reward_model={{base}}/reward-run eval.prompts=3 eval.max_new_tokens=4 "
+         "optim.lr=1e-12"),
+    Case("reward-ok", control=True, cmd=RWD, code=0, check=exists("out/reward_model.json", "out/adapter/adapter.safetensors")),
+    Case("reward-missing-chosen", f"{RWD} data.paths=[p.jsonl]", files={"p.jsonl": PAIR * 7 + '{"prompt": "p", "rejected": "a"}\n'},
+         words=("p.jsonl:8", "chosen")),
+    Case("reward-non-utf8", f"{RWD} data.paths=[p.jsonl]", files={"p.jsonl": NON_UTF8}, words=("p.jsonl:1", "UTF-8")),
+    Case("reward-center-negative", f"{RWD} reward.center=-1", words=("reward.center",)),
+    Case("reward-bad-data-over-earlier-run", f"{RWD} out_dir=reward-run data.paths=[p.jsonl]", setup=copy("reward-run"),
+         files={"p.jsonl": PAIR * 7 + '{"prompt": "p", "chosen": "x", "rejected": "x"}\n'}, words=("p.jsonl:8",),
+         keep=("reward-run",)),
+    Case("score-ok", control=True, cmd=f"{SCORE} --data {{base}}/pairs.jsonl --out s.jsonl", code=0,
+         check=lambda tmp, out, err: len((tmp / "s.jsonl").read_text().splitlines()) == 8),
+    Case("score-no-data-flag", SCORE, words=("--data",)),
+    Case("score-data-missing", f"{SCORE} --data nope.jsonl", words=("nope.jsonl",)),
+    Case("score-data-non-utf8", f"{SCORE} --data p.jsonl", files={"p.jsonl": NON_UTF8}, words=("p.jsonl:1", "UTF-8")),
+    Case("score-data-not-objects", f"{SCORE} --data p.jsonl", files={"p.jsonl": "[1]\n"}, words=("p.jsonl",)),
+    Case("score-completion-missing", f"{SCORE} --data p.jsonl", files={"p.jsonl": '{"prompt": "p"}\n'},
+         words=("p.jsonl:1", "completion")),
+    Case("score-batch-zero", f"{SCORE} --data {{base}}/pairs.jsonl --batch-size 0", code=2, words=("--batch-size",)),
+    Case("score-not-a-reward-run", "reward score {base}/run --data {base}/pairs.jsonl", words=("reward_model.json",)),
+    Case("score-meta-garbage", "reward score rr --data {base}/pairs.jsonl",
+         setup=then(copy("reward-run"), lambda tmp, env: (tmp / "reward-run").rename(tmp / "rr"),
+                    edit("rr/reward_model.json", lambda b: b'{"method": "lora"}')), words=("reward_model.json", "keys")),
+    Case("score-out-a-folder", f"{SCORE} --data {{base}}/pairs.jsonl --out outdir", files={"outdir/x": "mine"},
+         words=("outdir",), keep=("outdir",)),
+    Case("score-device-absent", f"{SCORE} --data {{base}}/pairs.jsonl --device cuda:3", words=("cuda",)),
     # ---- generate
     Case("gen-ok", control=True, cmd=GEN, code=0, check=lambda tmp, out, err: len(out.strip()) > 0),
     Case("gen-max-new-negative", f"{GEN} --max-new-tokens -5", code=2, words=("--max-new-tokens", "-5")),
@@ -702,13 +770,6 @@ def _safe(check: Check, tmp: Path, result: Outcome) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- the test
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -36,6 +36,8 @@ from lmlab.tasks.classify import load_classifier, run_classify
 from lmlab.tokenization import CharTokenizer
 from lmlab.weights.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 CPU = Precision(torch.device("cpu"), "fp32")
 GOOD = ["a great film", "truly great acting", "great fun", "a great story", "great and warm", "simply great"]
@@ -43,14 +45,6 @@ BAD = ["an awful mess", "awful acting", "dull and awful", "an awful plot", "awfu
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine their barriers cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

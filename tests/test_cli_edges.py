@@ -15,10 +15,10 @@ from lmlab.cli import main
 from lmlab.evaluation import evaluate
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.paths import smollm2_gguf
-from lmlab.tokenization import load_tokenizer
 from lmlab.weights.checkpoint import save_checkpoint
 from lmlab.weights.loading import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(argv: list[str]) -> int:
@@ -30,18 +30,6 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread hand-off dominates."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def smol_tok():
-    return load_tokenizer(smollm2_gguf())
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from pydantic import BaseModel
 from lmlab.cli import main
 from lmlab.model.config import RANGES
 from lmlab.schema.classify import ClassifyConfig
+from lmlab.schema.dpo import DPOConfig
 from lmlab.schema.load import load_config
 from lmlab.schema.pretrain import PretrainConfig
+from lmlab.schema.reward import RewardConfig
 from lmlab.schema.sft import SFTConfig
 from lmlab.schema.verifier import VerifierConfig
 
@@ -26,6 +28,8 @@ KINDS = {  # command -> (schema, a shipped recipe)
     "sft": (SFTConfig, "recipes/sft/alpaca-lora-smollm2.yaml"),
     "classify": (ClassifyConfig, "recipes/classify/sst5-lora-smollm2.yaml"),
     "verifier all": (VerifierConfig, "recipes/verifier/gsm8k-smollm2.yaml"),
+    "dpo": (DPOConfig, "recipes/dpo/hh-rlhf-smollm2.yaml"),
+    "reward": (RewardConfig, "recipes/reward/hh-rlhf-smollm2.yaml"),
 }
 
 

@@ -139,3 +139,39 @@ def test_the_rule_sees_a_violation(tmp_path):
     bad.write_text("def f():\n    from lmlab.tasks.sft import run_sft\n")
     (target, _, inside), = _imports(bad)
     assert target == "lmlab.tasks.sft" and inside and _layer(target) > _layer("lmlab.model")
+
+
+def _unsafe_loads(path: Path) -> list[str]:
+    """Calls that could run code from a file: torch.load without weights_only=True, yaml.load with a loader
+    that is not a SafeLoader subclass (lmlab's own `_Loader` is one), pickle.load(s)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+        kwargs = {k.arg: k.value for k in node.keywords}
+        if owner == "torch" and node.func.attr == "load":
+            safe = isinstance(kwargs.get("weights_only"), ast.Constant) and kwargs["weights_only"].value is True
+        elif owner == "yaml" and node.func.attr == "load":
+            loader = kwargs.get("Loader")
+            safe = isinstance(loader, ast.Name | ast.Attribute) and ast.unparse(loader) in ("_Loader", "yaml.SafeLoader")
+        elif owner in ("pickle", "dill") and node.func.attr in ("load", "loads"):
+            safe = False
+        else:
+            continue
+        if not safe:
+            out.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return out
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_code_runs_from_a_file(module):
+    """Issue 16: no code runs from any pickle or YAML lmlab reads."""
+    assert _unsafe_loads(MODULES[module]) == [], f"{module}: a load that can run code from the file"
+
+
+def test_the_unsafe_load_rule_sees_one(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch, yaml\ntorch.load('x.pt')\nyaml.load(t, Loader=yaml.Loader)\n"
+                   "torch.load('y.pt', weights_only=True)\n")
+    assert len(_unsafe_loads(bad)) == 2

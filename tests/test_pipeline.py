@@ -16,11 +16,11 @@ import yaml
 
 from lmlab.cli import main
 from lmlab.schema.load import load_config
-from lmlab.tasks.pipeline import DPO_AVAILABLE, STAGES, load_pipeline, run_pipeline
+from lmlab.tasks.pipeline import STAGES, load_pipeline, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
-CHAIN = ["pretrain", "sft", "dpo", "verifier"] if DPO_AVAILABLE else ["pretrain", "sft", "verifier"]
-"""The tiny pipeline's stages: the whole chain once lmlab.tasks.dpo (issue 12) is in this lmlab."""
+CHAIN = ["pretrain", "sft", "dpo", "verifier"]
+"""The tiny pipeline's stages: the whole chain."""
 
 
 def tiny_pipeline(folder: Path, data: Path) -> Path:
@@ -88,8 +88,7 @@ def test_tiny_pipeline_end_to_end(finished):
     assert pretrained.endswith("checkpoints/step_0000004")
     assert yaml.safe_load((out / "sft" / "config.yaml").read_text())["model"]["spec"] == pretrained
     verifier_cfg = yaml.safe_load((out / "verifier" / "config.yaml").read_text())
-    generator = CHAIN[-2]  # the stage before the verifier: DPO once it is in this lmlab, else SFT
-    assert verifier_cfg["generator"]["spec"] == record[generator]["model"] == str(out / generator / "model")
+    assert verifier_cfg["generator"]["spec"] == record["dpo"]["model"] == str(out / "dpo" / "model")
     assert (out / "sft" / "model" / "model.safetensors").is_file()
     assert len(_curve(out / "pretrain")) == 4 and len(_curve(out / "sft")) == 4
     results = json.loads((out / "verifier" / "eval" / "results.json").read_text())
@@ -103,15 +102,15 @@ def test_tiny_pipeline_end_to_end(finished):
                  "![bestofn](verifier/eval/bestofn.png)", "![loss_sft](report/loss_sft.png)", "### Name a color."):
         assert part in report
     assert (out / "report" / "loss_pretrain.png").is_file()
-    if DPO_AVAILABLE:  # SFT's merged model is DPO's policy and reference; the card reports its held-out pairs
-        assert yaml.safe_load((out / "dpo" / "config.yaml").read_text())["model"]["spec"] == record["sft"]["model"]
-        assert len(_curve(out / "dpo")) == 2
-        dpo = card["stages"]["dpo"]
-        summary = json.loads((out / "dpo" / "summary.json").read_text())
-        assert dpo["reward_accuracy"] == summary["after"]["test"]["implicit_accuracy"]
-        assert 0 <= dpo["reward_accuracy"]["value"] <= 1 and dpo["reward_accuracy"]["n"] > 0
-        assert "## DPO" in report and "held-out implicit-reward accuracy after: " in report
-        assert "win rate against the reference under the reward model: not measured" in report
+    # SFT's merged model is DPO's policy and reference; the card reports its held-out pairs
+    assert yaml.safe_load((out / "dpo" / "config.yaml").read_text())["model"]["spec"] == record["sft"]["model"]
+    assert len(_curve(out / "dpo")) == 2
+    dpo = card["stages"]["dpo"]
+    summary = json.loads((out / "dpo" / "summary.json").read_text())
+    assert dpo["reward_accuracy"] == summary["after"]["test"]["implicit_accuracy"]
+    assert 0 <= dpo["reward_accuracy"]["value"] <= 1 and dpo["reward_accuracy"]["n"] > 0
+    assert "## DPO" in report and "held-out implicit-reward accuracy after: " in report
+    assert "win rate against the reference under the reward model: not measured" in report
 
 
 @pytest.mark.slow
@@ -196,11 +195,9 @@ BAD = [
     (["sft.out_dir=elsewhere"], "sft.out_dir is set by the pipeline"),
     (["stages=[sft,verifier]", "sft.model.spec=/nonexistent/model"], "sft.model.spec=/nonexistent/model: no such file"),
     (["stages=[pretrain,sft,verifier,sft]"], "expected distinct stages"),
+    (["dpo.model.spec=x"], "dpo.model.spec is set by the pipeline (the output model of stage sft)"),
+    (["dpo.dpo.beta=0"], "dpo.dpo.beta=0"),
 ]
-if not DPO_AVAILABLE:
-    BAD.append((["stages=[pretrain,sft,dpo,verifier]"], "stage dpo is unavailable: lmlab.schema.dpo and lmlab.tasks.dpo "
-                "are missing from this lmlab (the DPO stage, issue 12); drop it with stages=[pretrain,sft,verifier]"))
-
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_pipeline_input_is_one_line_naming_the_key_or_path(overrides, message, tmp_path, shared_data, capsys):

@@ -9,13 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmlab.cli import main
 from lmlab.generation.generate import GenerationConfig, generate
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.weights.loading import load_model
 from tests.test_plots import tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv: list[str]) -> int:
@@ -25,13 +26,6 @@ def run(argv: list[str]) -> int:
         return exit_info.code
     return 0
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_samples_from_every_checkpoint_side_by_side(tmp_path: Path, shared_data: Path, capsys) -> None:

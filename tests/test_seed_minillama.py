@@ -22,15 +22,10 @@ from lmlab.model.norms import LayerNorm
 from lmlab.model.transformer import Transformer
 from lmlab.weights.loading import load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_llama2c_pt(path: Path, **shape) -> Path:

@@ -22,16 +22,11 @@ from lmlab.paths import smollm2_gguf
 from lmlab.tokenization import load_tokenizer
 from lmlab.weights.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytest.importorskip("hydra", reason="seed 004's commands need hydra-core (the `seeds` extra)")
 REPO = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

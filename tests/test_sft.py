@@ -22,27 +22,20 @@ from lmlab.data.instruct import (
 from lmlab.errors import ConfigError, DataError
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.paths import smollm2_gguf
 from lmlab.schema.load import load_config
 from lmlab.schema.sft import SFTConfig
 from lmlab.tasks.sft import perplexities, run_sft
-from lmlab.tokenization import load_tokenizer
 from lmlab.train.losses import lm_loss
 from lmlab.weights.checkpoint import save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread hand-off dominates."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(smollm2_gguf())
+@pytest.fixture
+def tok(smol_tok):
+    return smol_tok
+
+
 
 
 def tiny(vocab: int = 49152) -> Transformer:

@@ -255,7 +255,11 @@ class InstructBatches:
         first = step * self.grad_accum * self.batch_size
         span = range(first, first + self.grad_accum * self.batch_size)
         items = [self.items[self._order(e)[i]] for e, i in (divmod(g, len(self)) for g in span)]
-        return sorted(items, key=lambda it: len(it.ids) if isinstance(it, Example) else len(it[0]))
+        return sorted(items, key=self.item_length)
+
+    def item_length(self, item: Any) -> int:
+        """Tokens of one item (an example, or a packed row); the sort key of a step's items."""
+        return len(item.ids) if isinstance(item, Example) else len(item[0])
 
     def __call__(self, step: int, micro: int = 0) -> Batch:
         picks = self.step_items(step)[micro * self.batch_size: (micro + 1) * self.batch_size]

@@ -197,3 +197,26 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (n-1; 0 for a single value), as the minllama reference table reports."""
     vals = list(values)
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def proportion_interval(successes: float, n: int, z: float = 1.96) -> dict[str, float]:
+    """A share with its Wilson score interval (Wilson 1927; 95% at z = 1.96): unlike mean +/- 1.96 SE it
+    stays inside [0, 1] and keeps its coverage near 0 and 1 and at a few hundred items."""
+    if n <= 0:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"value": p, "low": centre - half, "high": centre + half, "n": n}
+
+
+def mean_interval(values: Sequence[float], z: float = 1.96) -> dict[str, float]:
+    """A mean with its normal-approximation interval, mean +/- z * s / sqrt(n) (e.g. a win rate whose ties
+    count 1/2, where no binomial interval applies)."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    mean = statistics.fmean(vals)
+    half = z * (statistics.stdev(vals) if n > 1 else 0.0) / math.sqrt(n)
+    return {"value": mean, "low": mean - half, "high": mean + half, "n": n}

@@ -1,6 +1,11 @@
-"""Sequence heads on the decoder: a class head reading the last real (or mean) hidden state, and a scalar
-head (reward model, verifier) that reads it too or gives a value at every position (Cobbe et al. 2021,
-"Training Verifiers to Solve Math Word Problems": the token-level verifier)."""
+"""Sequence heads on the decoder: a scalar or class head reading the last real (or mean) hidden state, and
+a scalar head that gives a value at every position (Cobbe et al. 2021, "Training Verifiers to Solve Math
+Word Problems": the token-level verifier).
+
+One class serves classification (n_labels classes) and reward models (n_labels=1, no bias: TRL's
+num_labels=1 sequence-classification model; a bias cancels in every Bradley-Terry difference); `ScalarHead`
+is its one-output form with per-token values, for the GSM8K verifier.
+"""
 
 from __future__ import annotations
 
@@ -22,26 +27,35 @@ def pool(hidden: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 
 class SequenceClassifier(nn.Module):
-    """backbone (a Transformer) + dropout + linear head; returns class logits (B, C)."""
+    """backbone (a Transformer) + dropout + linear head; returns class logits (B, C) (a reward: (B, 1))."""
 
-    def __init__(self, backbone: nn.Module, n_labels: int, dropout: float = 0.3, pooling: str = "last") -> None:
+    def __init__(self, backbone: nn.Module, n_labels: int, dropout: float = 0.3, pooling: str = "last",
+                 bias: bool = True) -> None:
         super().__init__()
         pool(torch.zeros(1, 1, 1), torch.ones(1, 1), pooling)  # reject a bad mode now, not mid-run
         self.backbone = backbone
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(backbone.config.dim, n_labels)
+        self.head = nn.Linear(backbone.config.dim, n_labels, bias=bias)
         # zero at start: uniform predictions, loss ln(C), and no gradient into the backbone until the head has
         # learned a direction. A randomly initialized head on final-norm states (norms in the tens for
         # SmolLM2) starts with large confident logits whose gradients scramble the backbone in the first
         # steps (measured: CFIMDB train loss above ln 2 for 30 steps, dev 0.73 after one epoch).
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if bias:
+            nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.backbone(input_ids, attention_mask=attention_mask, return_hidden=True)  # (B, T, D)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                lengths: Tensor | None = None) -> Tensor:
+        """`lengths` (B,) instead of a mask says the rows are right-padded: a causal backbone then needs no
+        mask (no real token sees the padding), and pooling reads the rows' first `lengths` tokens."""
+        if lengths is not None:
+            hidden = self.backbone(input_ids, return_hidden=True)  # (B, T, D)
+            attention_mask = torch.arange(input_ids.shape[1], device=input_ids.device)[None] < lengths[:, None]
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            hidden = self.backbone(input_ids, attention_mask=attention_mask, return_hidden=True)
         return self.head(self.dropout(pool(hidden, attention_mask, self.pooling)))
 
 

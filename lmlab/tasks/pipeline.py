@@ -14,7 +14,6 @@ Pipeline folder: pipeline.yaml (resolved), stages.json (per stage: ran or skippe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from collections.abc import Callable
@@ -30,11 +29,13 @@ from lmlab.fileio import FolderLock, atomic_write_text
 from lmlab.precision import peak_memory_mb, reset_peak_memory, resolve_device
 from lmlab.schema.load import apply_overrides, changed_keys, interpolate, read_recipe, save_config, to_dict, validate
 from lmlab.schema.pipeline import STAGE_ORDER, PipelineBase, pipeline_schema
+from lmlab.schema.dpo import DPOConfig
 from lmlab.schema.pretrain import PretrainConfig
 from lmlab.schema.sections import RecipeConfig
 from lmlab.schema.sft import SFTConfig
 from lmlab.schema.verifier import VerifierConfig
 from lmlab.tasks.card import write_card
+from lmlab.tasks.dpo import run_dpo
 from lmlab.tasks.pretrain import run_pretrain
 from lmlab.tasks.sft import run_sft
 from lmlab.tasks.verifier import run_verifier
@@ -42,12 +43,6 @@ from lmlab.train.session import SUMMARY
 from lmlab.train.state import Checkpointer
 from lmlab.weights.hub import looks_like_hub_name
 from lmlab.weights.loading import REGISTRY, load_model
-
-DPO_MODULES = ("lmlab.schema.dpo", "lmlab.tasks.dpo")
-DPO_AVAILABLE = all(importlib.util.find_spec(m) is not None for m in DPO_MODULES)
-if DPO_AVAILABLE:  # issue 12; the stage is one registry entry below
-    from lmlab.schema.dpo import DPOConfig
-    from lmlab.tasks.dpo import run_dpo
 
 
 @dataclass(frozen=True)
@@ -104,16 +99,18 @@ def _verifier_done(cfg: VerifierConfig) -> bool:
     return results.is_file() and json.loads(results.read_text()).get("settings") == to_dict(cfg.eval)
 
 
+def _dpo_model(cfg: DPOConfig) -> Path:
+    """DPO's policy: the full run's model/, or its base with the adapter merged."""
+    return Path(cfg.out_dir) / "model" if cfg.dpo.method == "full" else merged_adapter(cfg, cfg.adapter)
+
+
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(PretrainConfig, run_pretrain, final_checkpoint, _set_spec),
     "sft": Stage(SFTConfig, run_sft, lambda c: merged_adapter(c, c.adapter or c.data.source), _set_spec),
+    "dpo": Stage(DPOConfig, run_dpo, _dpo_model, _set_spec),
     "verifier": Stage(VerifierConfig, run_verifier, lambda c: None, _set_generator,
                       ("generator.spec", "generator.adapter", "model.spec"), _verifier_done),
 }
-if DPO_AVAILABLE:
-    STAGES["dpo"] = Stage(DPOConfig, run_dpo, lambda c: merged_adapter(c, getattr(c, "adapter", "") or "dpo"),
-                          _set_spec)
-STAGES = {name: STAGES[name] for name in STAGE_ORDER if name in STAGES}
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -128,15 +125,10 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"{source}: stages={names!r}: expected a list of stage names from {list(STAGE_ORDER)}")
     for name in names:
-        if name == "dpo" and not DPO_AVAILABLE:
-            raise ConfigError(f"{source}: stage dpo is unavailable: {' and '.join(DPO_MODULES)} are missing from "
-                              f"this lmlab (the DPO stage, issue 12); drop it with stages=[{','.join(n for n in names if n != 'dpo')}]")
         if name not in STAGE_ORDER:
             raise ConfigError(f"{source}: stages: unknown stage {name!r}; known stages: {list(STAGE_ORDER)}")
     if len(set(names)) != len(names) or names != [n for n in STAGE_ORDER if n in names]:
         raise ConfigError(f"{source}: stages={names}: expected distinct stages in the order {list(STAGE_ORDER)}")
-    if not DPO_AVAILABLE:
-        data.pop("dpo", None)  # not run, and its schema is not here to check it
     schema = pipeline_schema({name: stage.schema for name, stage in STAGES.items()})
     cfg = validate(schema, interpolate(data, source), source)
     for i, name in enumerate(cfg.stages):

@@ -6,7 +6,8 @@ MFU) and its own metrics as sums over the same units. The loop adds sums and cou
 and processes and divides once: every counted unit weighs the same however the micro-batches are padded
 or masked (a per-micro-batch mean would not: nanoGPT issue 168). It logs `loss`, each metric as
 sum / count, and perplexity only when the objective says its loss is a per-token NLL. Labels equal to
-IGNORE_INDEX (-100) mark padding and prompt tokens.
+IGNORE_INDEX (-100) mark padding and prompt tokens. The preference objectives (DPO, reward models) live
+in lmlab/train/preference.py.
 """
 
 from __future__ import annotations
@@ -69,13 +70,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, compute_dtype: torch.dtype, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, compute_dtype: torch.dtype, chunk: int,
+                per_row: bool = False) -> Tensor:
         want_h, want_w = hidden.requires_grad, weight.requires_grad  # e.g. LoRA: the head is frozen
+        if per_row and want_w:
+            raise ValueError("per-row cross-entropy needs a frozen weight (its gradient is a per-row weighted sum)")
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         n, vocab = h.shape[0], w.shape[0]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros(n if per_row else (), dtype=torch.float32, device=hidden.device)
         rows = max(1, (1 << 20) // vocab)  # rows per elementwise slice: ~4 MB of fp32
         minus_one = torch.full((rows, 1), -1.0, device=hidden.device)
         for start in range(0, n, chunk):
@@ -85,7 +89,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for r in range(0, g.shape[0], rows):
                 y = yc[r : r + rows, None]
                 logp = torch.log_softmax(g[r : r + rows], dim=1, dtype=torch.float32)
-                loss -= logp.gather(1, y).sum()
+                if per_row:
+                    loss[start + r : start + r + y.shape[0]] = -logp.gather(1, y).squeeze(1)
+                else:
+                    loss -= logp.gather(1, y).sum()
                 probs = logp.exp_()  # softmax
                 probs.scatter_add_(1, y, minus_one[: y.shape[0]])  # - onehot
                 g[r : r + rows] = probs
@@ -99,13 +106,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                     grad_w += (g.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.dtypes, ctx.per_row = (hidden.dtype, weight.dtype), per_row
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
+        if ctx.per_row:  # each row's loss has its own upstream gradient (e.g. a DPO pair's weight)
+            gh = (grad_h * grad_out[:, None].to(grad_h.dtype)).to(h_dtype) if grad_h is not None else None
+            return gh, None, None, None, None, None
         # the trainer backpropagates the summed loss itself: skip two passes of multiplying by 1
         one = grad_out.device.type == "cpu" and float(grad_out) == 1.0
         gh = gw = None
@@ -115,7 +125,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gw = grad_w.to(w_dtype)
             if not one:
                 gw = gw * grad_out if gw is grad_w else gw.mul_(grad_out)  # never scale the saved tensor
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_elems: int = 1 << 27) -> Tensor:
@@ -139,6 +149,23 @@ def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_
     chunk = max(16, chunk_elems // weight.shape[0])
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, labels, compute, chunk)
+
+
+def linear_token_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_elems: int = 1 << 27) -> Tensor:
+    """log p(targets[i] | hidden[i]) under head (N, D) -> (N,) in fp32: per-token log-probs for objectives
+    that weigh sequences differently (DPO sums them per sequence). A frozen plain head (LoRA, a reference
+    model) goes through the fused kernel with no logits kept, with or without autograd; a head that trains
+    takes the direct path (its gradient would need every row's logits gradient kept)."""
+    weight = getattr(head, "weight", None)
+    fused = (type(head) is nn.Linear and head.bias is None and weight is not None and not weight.requires_grad
+             and weight.dim() == 2 and weight.shape[1] == hidden.shape[-1])
+    if not fused:
+        return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    device_type = hidden.device.type
+    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    chunk = max(16, chunk_elems // weight.shape[0])
+    with torch.autocast(device_type, enabled=False):
+        return -_LinearCrossEntropy.apply(hidden, weight, targets, compute, chunk, True)
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> LossOutput:
