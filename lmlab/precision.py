@@ -107,12 +107,30 @@ def measure_matmul_peak(device_type: str = "cpu", dtype_name: str = "fp32", n: i
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU (since the last
+    `reset_peak_memory`, where Linux allows resetting it)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    try:
+        with open("/proc/self/status") as f:  # VmHWM: the resident high-water mark, resettable
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak window (one pipeline stage after another in one process): the CUDA allocator's
+    peak, or on Linux the process's resident high-water mark (/proc/self/clear_refs, value 5)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak stays the process's
+        pass
 
 
 def cpu_has_bf16() -> bool:

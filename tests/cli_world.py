@@ -105,7 +105,7 @@ eight short preference pairs)."""
              "precision.dtype=fp32", "logging.progress=false", "lora.rank=2", "schedule.warmup_steps=0"]
     dpo = [*pairs, "dpo.precompute_reference=false", "eval.reward_model=", "eval.prompts=0", "export_peft=false"]
     recipes = REPO / "recipes"
-    return {"base": str(base), "data": str(DATA), "tiny": f"{base}/tiny", "pt": f"{base}/pt/model.pt",
+    return {"base": str(base), "data": str(DATA), "repo": str(REPO), "tiny": f"{base}/tiny", "pt": f"{base}/pt/model.pt",
             "nan": f"{base}/nan", "truncated": f"{base}/truncated", "recipe": f"{base}/pretrain.yaml",
             "classify": f"{recipes}/classify/sst5-lora-smollm2.yaml out_dir=out " + " ".join(classify),
             "sft": f"{recipes}/sft/alpaca-lora-smollm2.yaml out_dir=out " + " ".join(sft),

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
@@ -189,6 +189,52 @@ SCORE = "reward score {base}/reward-run"
 PAIR = '{"prompt": "Say one.", "chosen": " one.", "rejected": " two."}\n'
 FOREIGN = {"runs/notes.txt": "my notes\n", "runs/exp1/config.yaml": "precious: true\n",
            "runs/exp1/metrics.jsonl": '{"step": 1, "loss": 2.0}\n'}
+
+VER = "{repo}/recipes/verifier/gsm8k-smollm2.yaml out_dir=out generator.spec={tiny} data.template=alpaca logging.progress=false"
+PIPE = "pipeline p.yaml"
+PIPE_YAML = """out_dir: pipe
+stages: [sft]
+sft:
+  adapter: alpaca
+  export_peft: false
+  model: {{spec: {tiny}}}
+  data: {{source: alpaca, paths: [{base}/alpaca.json], split: [6, 1, 1], max_len: 256}}
+  lora: {{rank: 2, alpha: 4}}
+  train: {{max_steps: 2, batch_size: 2, grad_accum: 1}}
+  precision: {{dtype: fp32}}
+  eval: {{perplexity: false, instructions: []}}
+  logging: {{progress: false}}
+verifier:
+  generator: {{samples: 2, max_new_tokens: 4}}
+  data: {{problems: 2, template: alpaca}}
+  eval: {{problems: 1, samples: 2, n: [1, 2]}}
+report: {{wikitext: {base}/corpus.txt, ppl_tokens: 64, ppl_context: 32, alpaca_records: 0, prompts: []}}
+"""
+PIPE_FILES = {"p.yaml": Fmt(PIPE_YAML)}
+
+
+def _finished_sft_stage(tmp: Path, remove: tuple[str, ...]) -> None:
+    """A pipeline whose SFT stage finished (with its report card), then parts of that stage removed."""
+    quiet_main(tmp, PIPE)
+    for name in remove:
+        shutil.rmtree(tmp / "pipe" / "sft" / name)
+
+
+def _fake_samples(tmp: Path, env: dict[str, str]) -> None:
+    """A labelled-samples file that `verifier train` accepts as this recipe's, with a torn second line."""
+    from lmlab.cli import build_parser
+    from lmlab.data.verifier import Solution
+    from lmlab.schema.load import load_config
+    from lmlab.schema.verifier import VerifierConfig
+    from lmlab.tasks.verifier import META, _meta
+
+    args = shlex.split(VER.format(**env))
+    cfg = load_config(args[0], args[1:], schema=VerifierConfig)
+    (tmp / "out" / "samples").mkdir(parents=True)
+    (tmp / "out" / "samples" / META).write_text(json.dumps(_meta(cfg, "train")))
+    row = Solution(problem=0, sample=0, source="sample", solution="4", answer="4", reference="4", correct=True)
+    (tmp / "out" / "samples" / "train.jsonl").write_text(json.dumps(asdict(row)) + "\n" + '{"problem": 1, "sam\n')
+
 
 CASES: list[Case] = [
     # ---- recipes: files, YAML, keys, types and ranges (every numeric key is covered by test_config_ranges.py)
@@ -631,6 +677,39 @@ CASES: list[Case] = [
     Case("sweep-seeds-bad", "sweep {recipe} --seeds a,b --out sw", words=("--seeds",)),
     Case("sweep-missing-file", "sweep nope.yaml --grid optim.lr=1e-3", words=("nope.yaml",)),
     Case("sweep-file-non-utf8", "sweep s.yaml --grid optim.lr=1e-3", files={"s.yaml": NON_UTF8}, words=("s.yaml", "UTF-8")),
+    # ---- verifier: bad recipes, models and missing earlier steps fail before any sampling
+    Case("verifier-recipe-missing", "verifier sample nope.yaml", words=("nope.yaml", "not found")),
+    Case("verifier-action-unknown", f"verifier fit {VER}", code=2, words=("action", "fit")),
+    Case("verifier-samples-zero", f"verifier sample {VER} generator.samples=0", words=("generator.samples",)),
+    Case("verifier-n-above-samples", f"verifier eval {VER} eval.samples=4 eval.n=[1,16]", words=("eval.n", "eval.samples")),
+    Case("verifier-key-unknown", f"verifier sample {VER} verifier.targt=token", words=("verifier.targt",)),
+    Case("verifier-generator-missing", f"verifier sample {VER} generator.spec=nope/", words=("nope",)),
+    Case("verifier-problems-missing", f"verifier sample {VER} data.train_path=nope.jsonl", words=("nope.jsonl",)),
+    Case("verifier-train-before-sample", f"verifier train {VER}", words=("verifier sample",)),
+    Case("verifier-eval-before-train", f"verifier eval {VER}", words=("verifier train",)),
+    Case("verifier-samples-bad-line", f"verifier train {VER}", words=("train.jsonl", "line 2"),
+         setup=lambda tmp, env: _fake_samples(tmp, env), keep=("out/samples",)),
+    # ---- pipeline: the whole file is checked before any stage runs; a failing stage keeps earlier results
+    Case("pipeline-file-missing", "pipeline nope.yaml", words=("nope.yaml", "not found")),
+    Case("pipeline-file-non-utf8", "pipeline p.yaml", files={"p.yaml": NON_UTF8}, words=("p.yaml", "UTF-8")),
+    Case("pipeline-stage-unknown", f"{PIPE} stages=[sft,rlhf]", files=PIPE_FILES, words=("rlhf", "known stages")),
+    Case("pipeline-stage-order", f"{PIPE} stages=[verifier,sft]", files=PIPE_FILES, words=("stages", "order")),
+    Case("pipeline-key-unknown", f"{PIPE} sft.train.max_stepz=3", files=PIPE_FILES, words=("sft.train.max_stepz",)),
+    Case("pipeline-range", f"{PIPE} sft.train.batch_size=0", files=PIPE_FILES, words=("sft.train.batch_size",)),
+    Case("pipeline-chain-key-set", f"{PIPE} stages=[sft,verifier] verifier.generator.spec=x", files=PIPE_FILES,
+         words=("verifier.generator.spec", "set by the pipeline")),
+    Case("pipeline-first-model-missing", f"{PIPE} sft.model.spec=nope/", files=PIPE_FILES,
+         words=("sft.model.spec", "nope")),
+    Case("pipeline-wikitext-missing", f"{PIPE} report.wikitext=nope.txt", files=PIPE_FILES,
+         words=("report.wikitext", "nope.txt"), check=not_exists("pipe/sft")),
+    Case("pipeline-section-missing", f"{PIPE} stages=[sft,verifier]", files={"p.yaml": Fmt(PIPE_YAML.split("verifier:")[0])},
+         words=("verifier section",)),
+    Case("pipeline-stage-output-missing", f"{PIPE} stages=[sft,verifier]", files=PIPE_FILES,
+         setup=lambda tmp, env: _finished_sft_stage(tmp, ("adapters", "model")), keep=("pipe/sft/summary.json",
+         "pipe/sft/metrics.jsonl", "pipe/sft/checkpoints", "pipe/report.md"), words=("stage sft", "adapters/alpaca")),
+    Case("pipeline-stage-changed", f"{PIPE} sft.lora.rank=4", files=PIPE_FILES,
+         setup=lambda tmp, env: _finished_sft_stage(tmp, ()), keep=("pipe/sft", "pipe/report.md"),
+         words=("stage sft", "lora.rank: 2 -> 4")),
     # ---- qa
     Case("qa-adapter-no-task", "qa ask 'What?' --base {tiny} --adapter runs/x", words=("TASK=DIR",)),
     Case("qa-adapter-missing", "qa ask 'What?' --base {tiny} --adapter saq=nope", words=("nope",)),

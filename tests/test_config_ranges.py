@@ -20,12 +20,14 @@ from lmlab.schema.load import load_config
 from lmlab.schema.pretrain import PretrainConfig
 from lmlab.schema.reward import RewardConfig
 from lmlab.schema.sft import SFTConfig
+from lmlab.schema.verifier import VerifierConfig
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = {  # command -> (schema, a shipped recipe)
     "run": (PretrainConfig, "recipes/pretrain/shakespeare-char.yaml"),
     "sft": (SFTConfig, "recipes/sft/alpaca-lora-smollm2.yaml"),
     "classify": (ClassifyConfig, "recipes/classify/sst5-lora-smollm2.yaml"),
+    "verifier all": (VerifierConfig, "recipes/verifier/gsm8k-smollm2.yaml"),
     "dpo": (DPOConfig, "recipes/dpo/hh-rlhf-smollm2.yaml"),
     "reward": (RewardConfig, "recipes/reward/hh-rlhf-smollm2.yaml"),
 }
@@ -79,11 +81,11 @@ def test_bad_numeric_value_is_a_one_line_error_naming_the_key(cmd, key, value, c
     _, recipe = KINDS[cmd]
     text = repr(value) if isinstance(value, str) else str(value).replace(" ", "")
     with pytest.raises(SystemExit) as exit_:
-        main([cmd, str(REPO / recipe), f"{key}={text}", "out_dir=/nonexistent/never-written"])
+        main([*cmd.split(), str(REPO / recipe), f"{key}={text}", "out_dir=/nonexistent/never-written"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert key in err and err.startswith(f"lmlab {cmd}: error: "), err
+    assert key in err and err.startswith(f"lmlab {cmd.split()[0]}: error: "), err
     assert not Path("/nonexistent/never-written").exists()
 
 

@@ -279,6 +279,10 @@ def prepare_data(d: Any) -> tuple[Any, Any, Any]:
     token shards (cached by content hash, so a second call is a lookup)."""
 
     docs, digest = read_documents(d.path, field=d.field, column=d.column, separator=d.doc_separator, hf_split=d.hf_split)
+    for extra in d.extra_paths:  # pooled after `path`: the held-out tail comes from the last file
+        more, more_digest = read_documents(extra, field=d.field, column=d.column, separator=d.doc_separator,
+                                           hf_split=d.hf_split)
+        docs, digest = docs + more, hashlib.sha256(f"{digest}+{more_digest}".encode()).hexdigest()
     val_docs, val_digest = read_documents(d.val_path, field=d.field, column=d.column, separator=d.doc_separator,
                                           hf_split=d.hf_split) if d.val_path else (None, "")
     tokenizer, tok_id = build_tokenizer(d.tokenizer, docs + (val_docs or []))

@@ -5,8 +5,13 @@ the articles a/an/the, collapse whitespace; F1 over bags of tokens (an answer th
 scores 1 only against an empty reference, the SQuAD v2.0 rule); the best score over all references.
 ROUGE-1/2/L (Lin 2004) is Google's `rouge-score` package (the reference implementation behind most
 papers' numbers) with the Porter stemmer, F-measure, best over references.
-GSM8K: the number after `####` if present, else the last number in the text (commas, `$`, a trailing
-`.0` ignored), compared as numbers.
+GSM8K (`extract_number`): the answer extractor matters as much as the model (verl issue 2150: a brittle
+one scores right answers wrong and rewards format over math), so it reads, in this order, the first
+`#### N` (the dataset's format; the first, because a model that rambles on invents further problems with
+their own `####`), the last `\boxed{N}`, the last "answer is N" / "answer: N", else the last number in
+the text; numbers may carry `$`, thousands commas, a sign (a hyphen between two numbers is a range, not a
+minus), decimals and trailing units or periods, and compare in canonical form (`$1,080.00` = `1080`).
+Classifier scores are ranked by ROC AUC (Mann-Whitney U, ties counted half).
 Two systems scored on the same items are compared with McNemar's exact test (the items only one of
 them gets right decide it), which is far more sensitive than two separate confidence intervals.
 """
@@ -19,12 +24,19 @@ import statistics
 import string
 from collections import Counter
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 from lmlab.errors import LmlabError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?:\.\d+)?(?<=\d)")
+"""A number: an optional sign (only where a word or a digit does not come before it: `3-4` is a range), `$`,
+thousands commas (only real groups of three: `5,6,7` is a list), decimals, `.5` too; not inside a word."""
+_FINAL = re.compile(r"####")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|=|:)\s*:?[^\d\n$.-]{0,24}", re.IGNORECASE)
+_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-", "\u00a0": " "})
 
 
 def accuracy(predictions: Sequence[object], references: Sequence[object]) -> float:
@@ -87,21 +99,64 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
 
 
 def extract_number(text: str) -> str | None:
-    """GSM8K final answer: after the last `####`, else the last number in the text; canonical form."""
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    found = _NUMBER.findall(tail)
-    if not found:
-        return None
-    value = found[0] if "####" in text else found[-1]
-    value = value.replace(",", "").replace("$", "")
-    if "." in value:
-        value = value.rstrip("0").rstrip(".")
-    return value
+    """GSM8K final answer of a solution or a model output, in canonical form (see the module docstring):
+    the first `#### N`, else the last `\\boxed{N}`, else the last "answer is N", else the last number."""
+    text = text.translate(_MINUS)
+    for mark in _FINAL.finditer(text):
+        found = _NUMBER.search(text, mark.end())
+        if found and not text[mark.end():found.start()].count("\n") > 1:
+            return canonical_number(found.group())
+    for pattern, group in ((_BOXED, 1), (_ANSWER_IS, 0)):
+        for match in reversed(list(pattern.finditer(text))):
+            found = _NUMBER.search(match.group(1)) if group else _NUMBER.match(text, match.end())
+            if found:
+                return canonical_number(found.group())
+    found = _NUMBER.findall(text)
+    return canonical_number(found[-1]) if found else None
+
+
+def canonical_number(token: str) -> str:
+    """`$1,080.00` -> `1080`, `-.50` -> `-0.5`, `007` -> `7`, `-0` -> `0`: one spelling per value."""
+    value = Decimal(token.replace(",", "").replace("$", "")).normalize()
+    text = format(value, "f")
+    return "0" if text in ("-0", "0") else text
 
 
 def gsm8k_match(prediction: str, reference: str) -> float:
+    """1.0 when the prediction's final answer equals the reference's (both extracted), else 0.0."""
     got, want = extract_number(prediction), extract_number(reference)
     return float(got is not None and got == want)
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve: the chance that a random positive outscores a random negative (ties half),
+    by the rank-sum (Mann-Whitney U) formula with average ranks; None when one class is absent."""
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
+    n_pos = sum(bool(y) for y in labels)
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # tied scores share their average rank
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chance that at least one of k samples drawn without replacement from n, c of them right, is right
+    (the unbiased pass@k estimator of Chen et al. 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k(n={n}, c={c}, k={k}): expected 0 <= c <= n and 1 <= k <= n")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n: int) -> list[list[int]]:

@@ -3,6 +3,8 @@
 `generate_ids` knows token ids only: prompts are left-padded into one batch (with an attention mask, so
 every row gives the same tokens as it would alone), prefilled once, then decoded one token per step
 through the preallocated cache. `generate` adds text: tokenizer, chat template, stop strings, streaming.
+Several samples of one prompt (best-of-N, verifiers) prefill it once: its cache rows are copied to the K
+sample rows after the prefill, and each row can draw from its own seeded generator.
 Past the trained context, models with attention sinks keep decoding through the streaming cache.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from lmlab.errors import ConfigError
-from lmlab.generation.sampling import SamplingConfig, sample_next
+from lmlab.generation.sampling import SamplingConfig, sample_next, sample_next_rows
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.transformer import Transformer
 from lmlab.tokenization import StreamDecoder, decode_continuation
@@ -65,11 +67,16 @@ def generate_ids(
     pad_id: int = 0,
     on_token: TokenCallback | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    num_samples: int = 1,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (stop ids excluded).
 
     `on_token(row, id)` is called for each accepted token (streaming); `should_stop(row, new_ids)`
-    lets the caller end a row early (stop strings).
+    lets the caller end a row early (stop strings). num_samples: K continuations of every prompt, output
+    row i*K+k; the prompts are prefilled once and their cache rows copied K times. row_seeds: one seed per
+    output row; row r then draws from its own generator and gives the tokens its prompt gives alone with
+    GenerationConfig(seed=row_seeds[r]) (without it, all rows share one generator seeded cfg.seed).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
@@ -89,11 +96,23 @@ def generate_ids(
         seen.scatter_(1, tokens, mask)
 
     logits = _prefill(model, cache, tokens, mask)
+    if num_samples > 1:  # the K samples of a prompt continue from one prefill
+        index = torch.arange(B, device=device).repeat_interleave(num_samples)
+        cache.reorder(index)
+        logits, seen, B = logits[index], seen[index] if seen is not None else None, B * num_samples
+    generators = None
+    if row_seeds is not None:
+        if len(row_seeds) != B:
+            raise ValueError(f"{len(row_seeds)} row_seeds for {B} output rows")
+        generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
     outputs: list[list[int]] = [[] for _ in range(B)]
     rows = list(range(B))  # original index of each live batch row
     stop = torch.tensor(sorted(set(cfg.stop_ids)) or [-1], device=device)
     for _ in range(cfg.max_new_tokens):
-        next_ids = sample_next(logits[:, -1], cfg.sampling, generator, seen)
+        if generators is None:
+            next_ids = sample_next(logits[:, -1], cfg.sampling, generator, seen)
+        else:
+            next_ids = sample_next_rows(logits[:, -1], cfg.sampling, generators, seen)
         ended = torch.isin(next_ids, stop)
         ids = next_ids.tolist()
         keep = []
@@ -111,6 +130,7 @@ def generate_ids(
             cache.reorder(index)
             next_ids = next_ids[index]
             seen = seen[index] if seen is not None else None
+            generators = [generators[j] for j in keep] if generators is not None else None
             rows = [rows[j] for j in keep]
         if seen is not None:
             seen.scatter_(1, next_ids[:, None], True)

@@ -87,3 +87,18 @@ def sample_next(
         return logits.argmax(-1)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_next_rows(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generators: list[torch.Generator],
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`sample_next` where row i draws from its own `generators[i]`: a row's tokens then do not depend on
+    which other rows share its batch (K samples of one prompt, each reproducible alone from its seed)."""
+    logits = transform_logits(logits, cfg, seen)
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generators)])[:, 0]

@@ -229,7 +229,7 @@ def save_config(cfg: BaseModel, path: str | Path) -> None:
 
 RESUME_SAFE = ("out_dir", "logging.", "checkpoint.", "eval.", "sample.", "export_peft", "train.max_steps",
                "train.epochs", "train.eval_every", "train.threads", "precision.compile", "data.max_eval",
-               "data.val_batches", "classify.eval_batch_size", "classify.save_model")
+               "data.val_batches", "classify.eval_batch_size", "classify.save_model", "verifier.eval_batch_size")
 """Keys a resumed run may change: what it logs, saves and evaluates, and how long it goes on. Anything else
 (data, model, batch geometry, optimizer, schedule shape, seeds) would splice two different runs."""
 

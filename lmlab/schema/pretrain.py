@@ -24,6 +24,8 @@ class CorpusSection(Section):
 
     path: str = ""
     """Corpus: a text file, .jsonl/.json (see `field`), .csv (see `column`), or `hf:NAME` (online only)."""
+    extra_paths: list[str] = Field(default_factory=list)
+    """More corpus files, read like `path` and pooled after it (e.g. TinyStories + WikiText-2 text)."""
     field: str = "text"
     """JSONL/JSON record field holding the text."""
     column: str = "text"

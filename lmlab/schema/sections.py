@@ -40,10 +40,10 @@ class ModelSection(Section):
         own = set(cls.model_fields)
         out = {k: v for k, v in data.items() if k in own}
         given = out.get("overrides")
-        if given is not None and not isinstance(given, dict):  # never silently dropped
+        if "overrides" in out and not isinstance(given, dict):  # never silently dropped (nor null taken as {})
             raise ValueError(f"model.overrides={given!r}: expected a mapping of ModelConfig fields, got "
                              f"{type(given).__name__}")
-        overrides = dict(given or {})
+        overrides = dict(given) if isinstance(given, dict) else {}
         model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
         for key, value in data.items():
             if key in own:

@@ -206,3 +206,33 @@ def classification_loss(model: nn.Module, batch: Batch) -> LossOutput:
     keep = labels != IGNORE_INDEX
     correct = ((logits.detach().argmax(-1) == labels) & keep).sum()
     return LossOutput(loss, keep.sum(), int(batch["attention_mask"].sum()), {"accuracy": correct})
+
+
+def verifier_loss(model: nn.Module, batch: Batch, lm_coef: float = 0.0) -> LossOutput:
+    """Cobbe et al. 2021's verifier objective: binary cross-entropy of a ScalarHead's value at every
+    counted position (`value_mask` (B, T): each solution token for the token-level verifier, the last one
+    for a solution-level one) against the solution's label (`labels` (B,), 1 = final answer right), summed
+    over those positions, which are the count. With `lm_coef` the language-modelling loss on the solution
+    tokens (`lm_labels` (B, T), -100 elsewhere, weighted by `lm_weight`: 1 per token, or 1/n per token
+    of an n-token solution so that it counts once like its value) is added, the joint objective of the
+    paper. Metrics: `accuracy` (the value's sign agrees with the label), `value_loss`, `lm_loss`."""
+    mask = batch["value_mask"]
+    values, hidden = model(batch["input_ids"], batch["attention_mask"], per_token=True, return_hidden=True)
+    target = batch["labels"].float()[:, None].expand_as(values)[mask]
+    picked = values[mask]
+    value_loss = F.binary_cross_entropy_with_logits(picked, target, reduction="sum")
+    loss, metrics = value_loss, {"value_loss": value_loss.detach()}
+    if lm_coef:
+        lm_labels = batch["lm_labels"]
+        keep = lm_labels != IGNORE_INDEX
+        output = unwrap(model).backbone.output
+        weight = batch["lm_weight"][keep]
+        if bool((weight == 1).all()):
+            lm = linear_cross_entropy(hidden[keep], output, lm_labels[keep])
+        else:
+            nll = F.cross_entropy(output(hidden[keep]).float(), lm_labels[keep], reduction="none")
+            lm = (nll * weight).sum()
+        loss = loss + lm_coef * lm
+        metrics["lm_loss"] = lm.detach()
+    metrics["accuracy"] = ((picked.detach() > 0) == (target > 0.5)).sum()
+    return LossOutput(loss, mask.sum(), int(batch["attention_mask"].sum()), metrics)
