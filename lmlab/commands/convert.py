@@ -1,5 +1,6 @@
-"""`lmlab convert SRC --to hf|lmlab --out DIR`: any loadable model as an lmlab checkpoint or a Hugging
-Face folder (see lmlab/weights/loading.py and lmlab/weights/)."""
+"""`lmlab convert SRC --to hf|lmlab|gguf --out PATH`: any loadable model (plus a LoRA adapter, merged
+in) as an lmlab checkpoint, a Hugging Face folder or a GGUF file for llama.cpp / Ollama (see
+lmlab/weights/loading.py and lmlab/weights/)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,25 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "convert",
-        help="convert a model (GGUF, llama2.c, HF folder, lmlab checkpoint) to an lmlab or HF folder",
+        help="convert a model (GGUF, llama2.c, HF folder, lmlab checkpoint) to an lmlab or HF folder or a GGUF file",
         description="Load SRC with lmlab's loader and write it to --out: 'lmlab' = model.safetensors + "
-        "config.json (+ tokenizer), 'hf' = a folder transformers.AutoModelForCausalLM.from_pretrained loads.",
+        "config.json (+ tokenizer), 'hf' = a folder transformers.AutoModelForCausalLM.from_pretrained loads, "
+        "'gguf' = one file llama.cpp and Ollama run (tokenizer and chat template in its metadata).",
     )
     p.add_argument("src", help="a registered name (smollm2-135m-instruct), file (.gguf, llama2.c .bin/.pt) or folder")
-    p.add_argument("--to", required=True, choices=["lmlab", "hf"], help="output format")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically if it exists)")
+    p.add_argument("--to", required=True, choices=["lmlab", "hf", "gguf"], help="output format")
+    p.add_argument("--out", required=True, help="output folder, or file for gguf (replaced atomically if it exists)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="weight dtype to store (default fp32; bf16 halves the folder)")
+                   help="weight dtype to store for lmlab/hf (default fp32; bf16 halves the folder)")
+    p.add_argument("--type", dest="gguf_type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="GGUF tensor type of the matrices (norms stay f32; default f16)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (lmlab or peft) to merge in first")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmlab.weights.loading import convert
 
-    out = convert(args.src, args.to, args.out, dtype=args.dtype)
-    print(f"wrote {args.to} folder {out}")
+    out = convert(args.src, args.to, args.out, dtype=args.dtype, gguf_type=args.gguf_type, adapter=args.adapter)
+    print(f"wrote {args.to} {'file' if args.to == 'gguf' else 'folder'} {out}")
     return 0

