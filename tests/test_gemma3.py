@@ -106,17 +106,21 @@ def gemma(gemma3_gguf):
     return load_model(gemma3_gguf)
 
 
-@pytest.fixture(scope="module")
-def hf_gemma(gemma) -> torch.nn.Module:
+def _hf_from_lmlab(model: Transformer) -> torch.nn.Module:
     """transformers' Gemma3ForCausalLM on lmlab's dequantized weights, through lmlab's HF mapping."""
-    c = gemma.model.config
+    c = model.config
     cfg = transformers.Gemma3TextConfig(**{k: v for k, v in hf_config(c, "gemma3_text", torch.float32).items()
                                            if k not in ("architectures", "model_type", "torch_dtype")})
-    model = transformers.Gemma3ForCausalLM(cfg)
-    result = model.load_state_dict(lmlab_to_hf(model_state(gemma.model), c, "gemma3_text"), strict=False)
+    hf = transformers.Gemma3ForCausalLM(cfg)
+    result = hf.load_state_dict(lmlab_to_hf(model_state(model), c, "gemma3_text"), strict=False)
     assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # tied to the embedding
-    model.tie_weights()
-    return model.eval()
+    hf.tie_weights()
+    return hf.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_gemma(gemma) -> torch.nn.Module:
+    return _hf_from_lmlab(gemma.model)
 
 
 def test_gemma3_config_and_tokenizer(gemma) -> None:
@@ -232,4 +236,33 @@ def test_gemma3_tokenizer_matches_transformers_gguf_reader(gemma, gemma3_gguf) -
     for sample in [*PROMPTS, "  two spaces\n\ttab, ünïcödé, 我想在apple工作 🦙", "<start_of_turn>user\nhi<end_of_turn>", text]:
         ids = gemma.tokenizer.encode(sample)
         assert ids == hf_tok.encode(sample, add_special_tokens=False), sample[:40]
-        assert gemma.tokenizer.decode(ids) == hf_tok.decode(ids)
+        assert gemma.tokenizer.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)  # lmlab drops controls
+
+
+@pytest.mark.slow
+def test_gemma3_lora_sft_run(gemma, tmp_path) -> None:
+    """`lmlab sft` with model.spec=gemma3-270m: a tiny run trains, and its adapter (lmlab and peft
+    format) loads back onto the base, where transformers + peft computes the same logits."""
+    peft = pytest.importorskip("peft")
+    from lmlab.adapters.files import load_adapter
+    from lmlab.schema.load import load_config
+    from lmlab.schema.sft import SFTConfig
+    from lmlab.tasks.sft import run_sft
+
+    cfg = load_config("recipes/sft/alpaca-lora-smollm2.yaml", [
+        f"out_dir={tmp_path / 'run'}", "model.spec=gemma3-270m", "data.subset=70", "data.max_train=4",
+        "data.max_eval=2", "data.max_len=96", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1",
+        "optim.lr=1e-3", "schedule.warmup_steps=0", "lora.dropout=0.0", "precision.dtype=fp32",
+        "eval.max_new_tokens=4", "eval.instructions=[Name a primary color.]", "logging.progress=false",
+    ], schema=SFTConfig)
+    summary = run_sft(cfg)
+    assert summary["train"]["steps"] == 2 and summary["after"]["conditional_ppl"] > 0
+    x = torch.tensor([gemma.tokenizer.encode(PROMPTS[0], bos=True)])
+    tuned = load_model("gemma3-270m").model
+    load_adapter(tuned, tmp_path / "run" / "adapters" / "alpaca")
+    with torch.no_grad():
+        ours = tuned.eval()(x)
+        assert not torch.allclose(ours, gemma.model(x), atol=1e-3)  # the adapter learned something
+        hf = _hf_from_lmlab(gemma.model)
+        ref = peft.PeftModel.from_pretrained(hf, str(tmp_path / "run" / "adapters" / "alpaca-peft")).eval()
+        torch.testing.assert_close(ref(x).logits, ours, atol=1e-4, rtol=0)

@@ -55,9 +55,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     @cached_property
     def _control_pattern(self) -> re.Pattern | None:
-        """Every control piece as a literal, longest first (built on first use: one pass over the vocabulary)."""
-        sp = self.sp
-        pieces = sorted({sp.id_to_piece(i) for i in range(self.vocab_size) if sp.is_control(i)} - {""}, key=len,
+        """Every control and user-defined piece as a literal, longest first (built on first use: one pass
+        over the vocabulary). User-defined pieces are matched in the raw text, as Hugging Face and
+        llama.cpp match them: Gemma's runs of spaces ('  ') are user-defined pieces written with plain
+        spaces, which sentencepiece, seeing the text after spaces became '▁', would never match."""
+        kinds = (CONTROL, USER_DEFINED)
+        pieces = sorted({piece for piece, _, kind in self.proto_pieces()[0] if kind in kinds} - {""}, key=len,
                         reverse=True)
         return re.compile("|".join(map(re.escape, pieces))) if pieces else None
 

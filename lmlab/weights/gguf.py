@@ -11,7 +11,9 @@ and friends mix) are decoded by lmlab.weights.gguf_quants, in torch, bit for bit
   the norm weights already hold Gemma's 1 + w (convert_hf_to_gguf.py adds the 1), which is lmlab's
   convention too. Local/global layers, their RoPE bases and the window come from the metadata, with
   llama.cpp's defaults (every 6th layer global, local base 10000) where the file leaves them out.
-The tokenizer lives in the file's metadata (`tokenizer.ggml.*`) and is built by lmlab.tokenization.
+The header is walked by lmlab.weights.gguf_reader (gguf.GGUFReader spends 17 s on Gemma 3's 262k-token
+vocabulary). The tokenizer lives in the file's metadata (`tokenizer.ggml.*`) and is built by
+lmlab.tokenization.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
@@ -47,8 +50,6 @@ IGNORED = ("rope_freqs",)  # llama.cpp's precomputed RoPE table: lmlab computes 
 
 def supported_quant_types() -> list[str]:
     """The tensor types `gguf.quants.dequantize` can turn back into floats."""
-    import gguf.quants
-
     return sorted({"F32", "F16"} | {t.name for t in gguf.quants._type_traits})
 
 
@@ -123,7 +124,9 @@ def _gemma3_switches(reader: Any, path: str | Path, meta: Any) -> dict[str, Any]
     if window <= 0:
         return switches
     pattern = field(reader, "gemma3.attention.sliding_window_pattern", GEMMA3_PATTERN)
-    if isinstance(pattern, list):  # one bool per layer, True = windowed
+    if isinstance(pattern, list) and all(pattern):  # every layer windowed
+        pattern = 0
+    elif isinstance(pattern, list):  # one bool per layer, True = windowed
         every = next((k for k in range(1, n_layers + 1)
                       if [bool(i % k < k - 1) for i in range(n_layers)] == [bool(x) for x in pattern]), None)
         if every is None:
@@ -163,7 +166,7 @@ def lmlab_name(gguf_name: str) -> str | None:
 
 
 def dequantize_tensor(t: Any) -> torch.Tensor:
-    """One GGUF tensor (a `gguf.ReaderTensor`) as an fp32 (or stored F16/BF16) torch tensor (out, in)."""
+    """One tensor of a GGUFFile as an fp32 (or its stored F16/BF16) torch tensor, shaped (out, in)."""
     kind = t.tensor_type.name
     if kind in gguf_quants.FORMATS:
         return gguf_quants.dequantize(torch.from_numpy(t.data), kind)
@@ -171,9 +174,7 @@ def dequantize_tensor(t: Any) -> torch.Tensor:
         return torch.from_numpy(t.data.copy())  # a copy: parameters must not alias the file's pages
     if kind == "BF16":
         return torch.from_numpy(t.data.copy()).view(torch.bfloat16)
-    from gguf.quants import dequantize
-
-    return torch.from_numpy(dequantize(t.data, t.tensor_type))
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))  # IQ*, TQ*, MXFP4, ...
 
 
 def gguf_state(reader: Any, config: ModelConfig, path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
