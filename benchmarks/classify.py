@@ -36,8 +36,8 @@ SEED_DEV = {"sst5-zeroshot": 0.237, "cfimdb-zeroshot": 0.490, "sst5-finetune": 0
 # tokens (50 steps of 16); dev sets whole. Full fine-tuning gives the fresh head 10x the backbone's lr
 # (at 3e-5 a fresh head barely moves in 94 steps); LoRA trains head and adapters at 5e-4.
 SUBSET = {
-    "sst5": ["data.max_train=3000", "train.epochs=1", "train.batch_size=32", "train.grad_accum=2"],
-    "cfimdb": ["data.max_train=800", "data.max_len=128", "train.epochs=1", "train.batch_size=16", "train.grad_accum=2"],
+    "sst5": ["data.max_train=3000", "train.epochs=1", "train.batch_size=16", "train.grad_accum=2"],
+    "cfimdb": ["data.max_train=800", "data.max_len=128", "train.epochs=1", "train.batch_size=8", "train.grad_accum=2"],
     "finetune": ["optim.lr=3e-5", "classify.head_lr_mult=10"],
     "lora": [],
     "zeroshot": [],

@@ -18,3 +18,7 @@ class CheckpointError(LmlabError, ValueError):
 
 class DataError(LmlabError, ValueError):
     """A dataset file has a bad line, field or size."""
+
+
+class OutputError(LmlabError):
+    """An output path holds something lmlab did not write (or is not a folder): refused, never replaced."""

@@ -25,18 +25,21 @@ _GPU_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
               "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto -> cuda when available, else cpu. Asking for cuda without one is an error."""
+def resolve_device(name: str | torch.device = "auto", key: str = "precision.device") -> torch.device:
+    """auto -> cuda when available, else cpu. Asking for a device this machine lacks is an error naming
+    `key` (the recipe key or flag the name came from)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"precision.device={name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"precision.device={name!r}: CUDA is not available on this machine")
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{key}={name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"precision.device={name!r}: only cpu and cuda are supported")
+        raise ConfigError(f"{key}={name!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -127,7 +130,7 @@ def inference_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtyp
         if name not in DTYPES:
             raise ConfigError(f"dtype={name!r}: expected auto or one of {sorted(DTYPES)}")
         return DTYPES[name]
-    device = torch.device(device)
+    device = resolve_device(device, "device")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16() else torch.float32

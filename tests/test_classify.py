@@ -36,6 +36,8 @@ from lmlab.tasks.classify import load_classifier, run_classify
 from lmlab.tokenization import CharTokenizer
 from lmlab.weights.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 CPU = Precision(torch.device("cpu"), "fp32")
 GOOD = ["a great film", "truly great acting", "great fun", "a great story", "great and warm", "simply great"]
@@ -43,14 +45,6 @@ BAD = ["an awful mess", "awful acting", "dull and awful", "an awful plot", "awfu
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine their barriers cost seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +66,15 @@ def task(tmp_path_factory) -> dict[str, Path]:
 
 
 def config(task: dict[str, Path], out: Path, method: str, **train) -> ClassifyConfig:
-    overrides = [f"out_dir={out}", f"model.spec={task['model']}", f"data.train={task['train']}",
+    return load_config(None, overrides(task, out, method, **train), schema=ClassifyConfig)
+
+
+def overrides(task: dict[str, Path], out: Path, method: str, **train) -> list[str]:
+    return [f"out_dir={out}", f"model.spec={task['model']}", f"data.train={task['train']}",
                  f"data.dev={task['train']}", f"data.test={task['train']}", f"data.label_names={task['labels']}",
-                 f"classify.method={method}", "data.max_len=64", "train.batch_size=12", "train.warmup_fraction=0",
+                 f"classify.method={method}", "data.max_len=64", "train.batch_size=12", "schedule.warmup_fraction=0",
                  "precision.device=cpu", "logging.progress=false", "logging.log_every=1", "classify.dropout=0.0",
                  *[f"{k}={v}" for k, v in train.items()]]
-    return load_config(None, overrides, schema=ClassifyConfig)
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -283,3 +280,52 @@ def test_pooling_ignores_padding_on_either_side() -> None:
     torch.testing.assert_close(pool(h, right, "last"), torch.stack([h[0, 1], h[1, 3]]))
     torch.testing.assert_close(pool(h, left, "last"), torch.stack([h[0, 3], h[1, 3]]))
     torch.testing.assert_close(pool(h, right, "mean"), torch.stack([h[0, :2].mean(0), h[1].mean(0)]))
+
+
+KILLER = """
+import os, signal, sys
+import lmlab.tasks.classify as cls
+from lmlab.schema.classify import ClassifyConfig
+from lmlab.schema.load import load_config
+calls, real = 0, cls.classification_loss
+
+def loss_then_die(model, batch):  # SIGKILL in the middle of a step, after the step-8 checkpoint
+    global calls
+    calls += 1
+    if calls == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(model, batch)
+
+cls.classification_loss = loss_then_die
+cls.run_classify(load_config(None, sys.argv[2:], schema=ClassifyConfig))
+"""
+
+
+def test_killed_classification_resumes_on_the_same_curve_and_dev_accuracy(task, tmp_path: Path) -> None:
+    """Classification trains through the session: checkpoints every N steps (adapters + head + optimizer +
+    RNG), exact resume after SIGKILL, the best dev state kept by the selection metric."""
+    import signal
+    import subprocess
+    import sys
+
+    extra = {"optim.lr": 1e-2, "train.epochs": 6, "checkpoint.every": 4, "lora.dropout": 0.1, "data.test": "''",
+             "train.threads": 1}  # the same thread count in both processes: the same float sums
+    full = run_classify(config(task, tmp_path / "full", "lora", **extra))
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-c", KILLER, "11", *overrides(task, killed, "lora", **extra)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (killed / "checkpoints" / "step_0000008").is_dir() and not (killed / "checkpoints" / "step_0000012").exists()
+    resumed = run_classify(config(task, killed, "lora", **extra))
+
+    def curve(out: Path) -> dict:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return {(r["step"], r.get("split", "train")): r.get("loss", r.get("accuracy")) for r in rows}
+
+    a, b = curve(tmp_path / "full"), curve(killed)
+    assert a.keys() == b.keys() and len(a) == 18 + 6  # 18 steps, dev accuracy after each of the 6 epochs
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert resumed["dev"]["accuracy"] == full["dev"]["accuracy"]
+    assert resumed["train"]["best"] == full["train"]["best"] and full["train"]["mfu"] > 0
+    assert read_predictions(killed / "dev-predictions.txt") == read_predictions(tmp_path / "full" / "dev-predictions.txt")

@@ -16,7 +16,7 @@ from lmlab.data.pretrain import (
     RandomWindows,
     build_shards,
     check_length,
-    eval_batches,
+    token_eval_batches,
     token_dtype,
 )
 from lmlab.errors import DataError
@@ -116,7 +116,7 @@ def test_padded_chunks_mask_padding_and_cover_every_token_once(tmp_path):
     short = [b for b in (source(s) for s in range(source.steps_per_epoch))]
     row = next(r for bb in short for r in range(3) if (bb["labels"][r] == IGNORE_INDEX).any())
     assert row is not None
-    val = eval_batches(train, 8, 4, "chunks")
+    val = token_eval_batches(train, 8, 4, "chunks")
     assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in val) == len(train) - n_train_docs
 
 

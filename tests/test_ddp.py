@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_trainer import write_tiny_recipe
 
-from lmlab.tasks.pretrain import run_recipe
+from helpers import run_recipe
 
 
 def _losses(run_dir) -> dict[tuple, float]:

@@ -80,7 +80,7 @@ def test_loss_by_position_modes() -> None:
 
 
 def test_evaluate_run_writes_a_row_per_checkpoint(tmp_path: Path, shared_data: Path) -> None:
-    from lmlab.tasks.pretrain import run_recipe
+    from helpers import run_recipe
 
     run = run_recipe(tiny_recipe(tmp_path, shared_data), ["train.max_steps=4", "train.eval_every=2",
                                                          "checkpoint.every=2"])
@@ -98,7 +98,7 @@ def test_evaluate_run_writes_a_row_per_checkpoint(tmp_path: Path, shared_data: P
 
 
 def test_long_context_eval_of_two_runs(tmp_path: Path, shared_data: Path) -> None:
-    from lmlab.tasks.pretrain import run_recipe
+    from helpers import run_recipe
 
     recipe = tiny_recipe(tmp_path, shared_data)
     runs = [run_recipe(recipe, ["train.max_steps=2", f"out_dir={tmp_path / name}", *extra])

@@ -16,6 +16,7 @@ from lmlab.adapters.lora import (
     DEFAULT,
     LoRAConfig,
     LoRALinear,
+    adapters_per_row,
     add_adapter,
     apply_lora,
     disable_lora,
@@ -306,6 +307,34 @@ def test_switching_named_adapters(tmp_path):
         add_adapter(model, "qa", LoRAConfig())
     with pytest.raises(ConfigError, match="unknown adapter"):
         set_active_adapter(model, "nope")
+
+
+def test_adapters_per_row_equal_each_adapter_alone():
+    """One forward over rows that ask for different adapters (a server's mixed batch) gives each row what
+    the model with that adapter active gives it alone."""
+    model = tiny()
+    add_adapter(model, "a", LoRAConfig(rank=4, target_modules=["wq", "wv", "w2"]))
+    add_adapter(model, "b", LoRAConfig(rank=2, target_modules=["wq", "w1", "output"]))
+    randomize_b(model)
+    x = tokens(B=5)
+    names = ["a", None, "b", "a", "b"]
+    with torch.no_grad(), adapters_per_row(model, names):
+        mixed = model(x)
+    for i, name in enumerate(names):
+        set_active_adapter(model, name)
+        torch.testing.assert_close(mixed[i], model(x[i : i + 1])[0], atol=1e-5, rtol=0)
+    set_active_adapter(model, "a")
+    with torch.no_grad():
+        alone = model(x)
+    set_active_adapter(model, "b")  # the active adapter is ignored inside the block
+    with torch.no_grad(), adapters_per_row(model, ["a"] * 5):  # one group covering every row: no gather
+        assert model.layers[0].attention.wq.row_groups == [("a", None)]
+        torch.testing.assert_close(model(x), alone, atol=0, rtol=0)
+    assert model.layers[0].attention.wq.row_groups is None
+    head = Classifier(tiny())
+    add_adapter(head, "h", LoRAConfig(rank=2, trainable=["head"]))
+    with pytest.raises(ConfigError, match="cannot share a batch"), adapters_per_row(head, ["h"]):
+        pass
 
 
 def test_each_adapter_keeps_its_own_head():

@@ -18,7 +18,7 @@ def tiny_recipe(folder: Path, data: Path, **extra: str) -> Path:
     """A 1-layer character model on Tiny Shakespeare that trains in about a second."""
     text = f"""
 out_dir: {folder / 'run'}
-model: {{init: preset:llama2c-stories260k, dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 2, hidden_dim: 64,
+model: {{spec: preset:llama2c-stories260k, dim: 32, n_layers: 1, n_heads: 2, n_kv_heads: 2, hidden_dim: 64,
         max_seq_len: 32}}
 data: {{path: {data / 'tinyshakespeare' / 'input.txt'}, tokenizer: char, seq_len: 32, val_batches: 2,
        cache_dir: {folder / 'cache'}}}
@@ -36,7 +36,7 @@ precision: {{device: cpu}}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lmlab.paths import data_dir
-    from lmlab.tasks.pretrain import run_recipe
+    from helpers import run_recipe
 
     folder = tmp_path_factory.mktemp("plots")
     return run_recipe(tiny_recipe(folder, data_dir()))

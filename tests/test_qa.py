@@ -13,7 +13,6 @@ from lmlab.data.qa import mcq_records, permute_options, read_arc, read_mmlu, saq
 from lmlab.errors import ConfigError, DataError
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.paths import smollm2_gguf
 from lmlab.tasks.qa import (
     TASKS,
     Answer,
@@ -27,24 +26,18 @@ from lmlab.tasks.qa import (
     validate_mcq,
     validate_saq,
 )
-from lmlab.tokenization import load_tokenizer
 from lmlab.weights.checkpoint import save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tok(smol_tok):
+    return smol_tok
 
 CHAT = Template("chat")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread hand-off dominates."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(smollm2_gguf())
 
 
 def tiny() -> Transformer:

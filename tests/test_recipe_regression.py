@@ -55,7 +55,7 @@ def recipes(tmp: Path) -> dict[str, list[str]]:
             "eval.perplexity=false", "export_peft=false", *COMMON],
         "sst5-lora": [
             "classify", "recipes/classify/sst5-lora-smollm2.yaml", f"out_dir={tmp / 'cls'}", f"model.spec={base}",
-            "data.max_train=120", "data.max_eval=8", "data.max_len=48", "train.batch_size=4", "train.grad_accum=2",
+            "data.max_train=120", "data.max_eval=8", "data.max_len=48", "train.batch_size=2", "train.grad_accum=2",
             "train.epochs=1", "classify.save_model=false", *COMMON],
     }
 

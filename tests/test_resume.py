@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from test_trainer import write_tiny_recipe
 
-from lmlab.tasks.pretrain import run_recipe
+from helpers import run_recipe
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
@@ -27,7 +27,9 @@ KILLER = textwrap.dedent("""
         return real_loss(model, batch)
 
     run.lm_loss = loss_then_die
-    run.run_recipe(sys.argv[1], sys.argv[3:])
+    from lmlab.schema.load import load_config
+    from lmlab.schema.pretrain import PretrainConfig
+    run.run_pretrain(load_config(sys.argv[1], sys.argv[3:], schema=PretrainConfig))
 """)
 
 

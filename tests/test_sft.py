@@ -13,7 +13,7 @@ from lmlab.data.instruct import (
     Example,
     InstructBatches,
     Template,
-    collate,
+    collate_examples,
     encode_examples,
     pack,
     read_alpaca,
@@ -22,27 +22,20 @@ from lmlab.data.instruct import (
 from lmlab.errors import ConfigError, DataError
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.paths import smollm2_gguf
 from lmlab.schema.load import load_config
 from lmlab.schema.sft import SFTConfig
 from lmlab.tasks.sft import perplexities, run_sft
-from lmlab.tokenization import load_tokenizer
 from lmlab.train.losses import lm_loss
 from lmlab.weights.checkpoint import save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine the thread hand-off dominates."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(smollm2_gguf())
+@pytest.fixture
+def tok(smol_tok):
+    return smol_tok
+
+
 
 
 def tiny(vocab: int = 49152) -> Transformer:
@@ -82,7 +75,7 @@ def test_missing_field_and_wrong_type_name_the_record(tmp_path):
 def test_labels_are_the_response_only(tok):
     data = encode_examples([REC], Template("alpaca"), tok, max_len=256)
     (ex,) = data.examples
-    batch = collate([ex], pad_id=0)
+    batch = collate_examples([ex], pad_id=0)
     labels = batch["labels"][0]
     kept = labels[labels != IGNORE_INDEX].tolist()
     assert tok.decode(kept[:-1]) == "Red." and kept[-1] == tok.eos_id
@@ -119,7 +112,7 @@ def test_bad_examples_are_skipped_and_counted_never_fully_masked(tok):
     data = encode_examples([REC, long_prompt, long_answer, empty], Template("alpaca"), tok, max_len=128)
     assert data.skipped == {"prompt_too_long": 1, "empty_output": 1} and data.truncated == 1
     assert len(data.examples) == 2 and all(len(e.ids) <= 128 for e in data.examples)
-    for batch in [collate([e], 0) for e in data.examples]:
+    for batch in [collate_examples([e], 0) for e in data.examples]:
         assert (batch["labels"] != IGNORE_INDEX).sum() >= 1
     edge = {"instruction": "word " * 60, "input": "", "output": "yes " * 50}
     n_prompt = len(tok.encode(Template("alpaca").prompt(edge)))
@@ -134,8 +127,9 @@ def test_masked_loss_counts_response_tokens_and_packing_keeps_them(tok):
     recs = [REC, {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
             {"instruction": "Translate 'cat'.", "input": "French", "output": "chat"}]
     examples = encode_examples(recs, Template("alpaca"), tok, 256).examples
-    batch = collate(examples, pad_id=tok.pad_id)
-    loss, na = lm_loss(model, batch)
+    batch = collate_examples(examples, pad_id=tok.pad_id)
+    out = lm_loss(model, batch)
+    loss, na = out.loss, out.count
     logits = model(batch["input_ids"])
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
     assert int(na) == sum(len(e.ids) - e.n_prompt for e in examples) and torch.allclose(loss, want, rtol=1e-4)

@@ -11,6 +11,7 @@ import pytest
 
 from lmlab.cli import main
 from lmlab.errors import ConfigError
+from lmlab.commands.sweep import inprocess_runner
 from lmlab.evaluation import sweep
 from tests.test_plots import tiny_recipe
 
@@ -28,7 +29,7 @@ def test_grid_of_real_runs_then_rerun_skips(tmp_path: Path, shared_data: Path) -
 
     def runner(recipe: Path, spec: sweep.RunSpec) -> None:
         calls.append(spec.name)
-        sweep.inprocess_runner(recipe, spec)
+        inprocess_runner(recipe, spec)
 
     result = sweep.run_sweep(cfg, recipe, runner, log=lambda _: None)
     assert calls == ["lr_0.001", "lr_0.003"] and not result.failed
@@ -87,7 +88,9 @@ def test_failed_run_is_reported_and_others_still_run(tmp_path: Path, shared_data
     result = sweep.run_sweep(cfg, recipe, fake_runner({"ok": 1.0}), log=lambda _: None)
     assert list(result.failed) == ["broken"] and result.ran == ["ok"]
     rows = read_csv(tmp_path / "sw" / "results.csv")
-    assert [(r["run"], r["status"]) for r in rows] == [("broken", "pending"), ("ok", "done")]
+    assert [(r["run"], r["status"]) for r in rows] == [("broken", "failed"), ("ok", "done")]  # not "pending"
+    assert rows[0]["error"] == "boom"
+    assert "| broken | failed |" in (tmp_path / "sw" / "results.md").read_text()
 
 
 def test_plan_checks_keys_devices_round_robin_and_threads(tmp_path: Path, shared_data: Path) -> None:
@@ -102,7 +105,7 @@ def test_plan_checks_keys_devices_round_robin_and_threads(tmp_path: Path, shared
     assert [s.name for s in specs] == ["n_layers_1", "n_layers_2", "n_layers_3"]
     assert any(o.startswith("train.threads=") for o in specs[0].overrides)
     assert not any(o.startswith("train.threads=") for o in specs[1].overrides)
-    assert sweep._run_overrides(specs[1])[-1] == "precision.device=cuda:0"
+    assert sweep.run_overrides(specs[1])[-1] == "precision.device=cuda:0"
 
 
 def test_sweep_file_through_the_cli_in_subprocesses(tmp_path: Path, shared_data: Path, capsys) -> None:

@@ -12,7 +12,7 @@ from lmlab.data.batch import IGNORE_INDEX
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.precision import Precision, resolve_device
-from lmlab.tasks.pretrain import run_recipe
+from helpers import run_recipe
 from lmlab.train.logger import MetricsLogger
 from lmlab.train.loop import FitConfig, TrainingDiverged, fit
 from lmlab.train.losses import lm_loss
@@ -81,8 +81,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     opt = build_optimizer(model, lr=1e-3)
 
     def loss_fn(model, batch):
-        loss, n = lm_loss(model, batch)
-        return (loss * float("nan") if batch["step"] == 7 else loss), n
+        out = lm_loss(model, batch)
+        out.loss = out.loss * float("nan") if batch["step"] == 7 else out.loss
+        return out
 
     data = lambda step, micro=0: {**pattern_batches(step), "step": torch.tensor(step)}  # noqa: E731
     ckpt = Checkpointer(tmp_path / "checkpoints")
@@ -97,7 +98,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
 def test_moe_aux_loss_is_added():
     model = tiny_model(n_experts=4, n_experts_per_tok=2)
     batch = pattern_batches(0)
-    loss, n = lm_loss(model, batch)
+    out = lm_loss(model, batch)
+    loss, n = out.loss, out.count
     assert model.aux_loss is not None
     logits = model(batch["input_ids"])
     plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
@@ -109,7 +111,7 @@ def write_tiny_recipe(tmp_path, shared_data, **extra) -> str:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"""
 out_dir: {tmp_path / 'run'}
-model: {{init: "preset:llama2c-stories260k", dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, hidden_dim: 64,
+model: {{spec: "preset:llama2c-stories260k", dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, hidden_dim: 64,
          max_seq_len: 32, dropout: 0.1}}
 data: {{path: "${{data_dir}}/tinyshakespeare/input.txt", tokenizer: char, seq_len: 32, val_batches: 4,
         cache_dir: "{tmp_path / 'cache'}"}}

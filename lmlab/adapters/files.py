@@ -36,7 +36,7 @@ from lmlab.adapters.lora import (
     merge_and_unload,
 )
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.fileio import atomic_replace_dir
+from lmlab.fileio import write_output_dir
 from lmlab.model.transformer import unwrap
 from lmlab.weights.build import to_interleaved, to_rotate_half
 from lmlab.weights.checkpoint import save_checkpoint
@@ -67,9 +67,19 @@ def _write_adapter(model: nn.Module, folder: Path, name: str | None) -> None:
     (folder / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def _is_lmlab_adapter(folder: Path) -> bool:
+    """An adapter folder an lmlab without output markers wrote (its config says format lmlab-lora)."""
+    try:
+        return json.loads((folder / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
-    """Write adapter `name` (default: the active one) with its config; the folder is replaced atomically."""
-    atomic_replace_dir(lambda tmp: _write_adapter(model, tmp, name), Path(directory))
+    """Write adapter `name` (default: the active one) with its config (an earlier adapter in the folder
+    is replaced; anything else there is refused: lmlab.fileio.write_output_dir)."""
+    write_output_dir(lambda tmp: _write_adapter(model, tmp, name), Path(directory), "LoRA adapter",
+                     legacy=_is_lmlab_adapter)
     return Path(directory)
 
 
@@ -91,14 +101,14 @@ def save_lora(
     model: nn.Module, directory: str | Path, *, adapter: bool = True, merged: bool = False, tokenizer: Any = None
 ) -> Path:
     """Save the adapter alone, the merged weights, or both in one folder (their file names differ),
-    replacing the folder atomically."""
+    replacing an earlier one there (lmlab.fileio.write_output_dir)."""
     def build(tmp: Path) -> None:
         if merged:
             _write_merged(model, tmp, tokenizer)
         if adapter:
             _write_adapter(model, tmp, None)
 
-    atomic_replace_dir(build, Path(directory))
+    write_output_dir(build, Path(directory), "LoRA adapter", legacy=_is_lmlab_adapter)
     return Path(directory)
 
 
@@ -123,6 +133,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT) -> nn.Module:
     """Add the adapter saved in `directory` (lmlab or peft format) as `name`, active. Returns the model."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: {'not a folder' if directory.exists() else 'no such folder'}; "
+                              f"expected an adapter folder ({CONFIG} + weights)")
     meta = _read_json(directory / CONFIG)
     if meta.get("peft_type") is not None:
         return import_peft(model, directory, name=name)
@@ -195,6 +208,16 @@ def _llama_base(model: nn.Module) -> nn.Module:
     return raw
 
 
+def peft_unsupported(model: nn.Module) -> str | None:
+    """Why `export_peft` cannot write this model's adapters (attention sinks, experts, GPT-2's fused
+    attention: Hugging Face has no such module), or None when it can."""
+    try:
+        _llama_base(model)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def _rope_heads(model: nn.Module, path: str) -> int | None:
     """Heads to permute over for LoRA B of this module (None when its rows carry no RoPE)."""
     c = model.config
@@ -241,7 +264,7 @@ def export_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_path: 
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
-    atomic_replace_dir(build, Path(out_dir))
+    write_output_dir(build, Path(out_dir), "peft adapter")
     return Path(out_dir)
 
 
@@ -298,6 +321,6 @@ def import_peft(model: nn.Module, adapter_dir: str | Path, name: str = DEFAULT) 
 
 
 __all__ = [
-    "save_adapter", "save_merged", "save_lora", "load_adapter", "export_peft", "import_peft",
+    "save_adapter", "save_merged", "save_lora", "load_adapter", "export_peft", "import_peft", "peft_unsupported",
     "hf_module_name", "lmlab_module_name",
 ]

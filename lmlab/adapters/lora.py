@@ -8,19 +8,19 @@ model classes, and the base keys (`layers.0.attention.wq.weight`) keep their nam
 load unchanged. Each LoRALinear holds its adapters in ModuleDicts keyed by adapter name, as peft does:
 in memory `wq.lora_a.<name>.weight`; saved (lora_state_dict) without the name, `wq.lora_a.weight`, which
 maps 1:1 to peft's `base_model.model.<hf path>.lora_A.weight` (lmlab/adapters/files.py). One adapter is
-active at a time, so a router can switch task adapters on one loaded base. `disable_lora` runs the base
-model alone (DPO's reference model for free). The model file never imports this one.
+active at a time, so a router can switch task adapters on one loaded base; `adapters_per_row` instead gives
+each batch row its own adapter for one forward (a server's mixed batch: the base matmul once, each adapter's
+low-rank update on its rows only, as S-LoRA / punica gather them). `disable_lora` runs the base model alone
+(DPO's reference model for free). The model file never imports this one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,56 +28,10 @@ import torch.nn.functional as F
 
 from lmlab.errors import ConfigError
 from lmlab.model.transformer import unwrap
+from lmlab.schema.sections import LoRAConfig
 
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-@dataclass
-class LoRAConfig:
-    """One adapter's shape and where it goes; saved in adapter_config.json."""
-
-    rank: int = 8
-    """r, the rank of B A. Higher = more capacity and more parameters (r * (in + out) per layer)."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = 0.0
-    """Dropout on the LoRA path's input only (the base path never sees it)."""
-    target_modules: list[str] = field(default_factory=lambda: ["wq", "wv"])
-    """nn.Linear names to adapt: a leaf name ("wq", "w1", "output") or a dotted suffix/full path
-    ("layers.0.attention.wq"). Attention: wq wk wv wo; MLP: w1 w2 w3; head: output."""
-    trainable: list[str] = field(default_factory=list)
-    """Extra modules (any type, same matching) that stay trainable and are saved with the adapter,
-    e.g. a classification head "head"."""
-    use_rslora: bool = False
-    """Rank-stabilized scaling alpha / sqrt(r), so higher ranks keep learning (Kalajdzievski 2023)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"lora.rank={self.rank!r}: expected a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={self.dropout!r}: expected 0 <= dropout < 1")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ConfigError(f"lora.target_modules={self.target_modules!r}: expected a non-empty list of names")
-        if isinstance(self.trainable, str):
-            raise ConfigError(f"lora.trainable={self.trainable!r}: expected a list of module names")
-        self.target_modules, self.trainable = list(self.target_modules), list(self.trainable)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "lora config") -> "LoRAConfig":
-        """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown LoRA config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
 
 
 class LoRALinear(nn.Module):
@@ -103,6 +57,7 @@ class LoRALinear(nn.Module):
         self.merged: str | None = None
         self.train(base.training)  # an adapter added to a model in eval mode must not start dropping out
         self.disabled = False
+        self.row_groups: list[tuple[str, torch.Tensor | None]] | None = None  # set by adapters_per_row
         if rank is not None:
             self.add_adapter(name, rank, alpha, dropout, use_rslora)
 
@@ -153,11 +108,25 @@ class LoRALinear(nn.Module):
             if self.disabled:
                 raise RuntimeError("LoRALinear is merged and disabled: unmerge first (disable_lora does)")
             return out
+        if self.disabled:
+            return out
+        if self.row_groups is not None:
+            return self._per_row(x, out)
         name = self.active
-        if self.disabled or name is None:
+        if name is None:
             return out
         lora = self.lora_b[name](self.lora_a[name](self.lora_dropout[name](x)))
         return out + self.scaling[name] * lora
+
+    def _per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each group's (adapter name, batch rows; None = all rows) low-rank update, added to its rows."""
+        for name, rows in self.row_groups:
+            if name not in self.lora_a:
+                continue
+            xs = x if rows is None else x[rows]
+            lora = self.scaling[name] * self.lora_b[name](self.lora_a[name](self.lora_dropout[name](xs)))
+            out = out + lora if rows is None else out.index_add(0, rows, lora.to(out.dtype))
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -360,6 +329,37 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
+def adapters_per_row(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, batch row i runs adapter names[i] (None = the base alone) in one forward.
+
+    The active adapter is ignored there. Adapters that carry `trainable` modules (a classification head)
+    cannot mix in one batch, nor can merged layers: both are ConfigErrors.
+    """
+    raw = unwrap(model)
+    lora_state(model)  # a ConfigError if the model has no adapters
+    for name in dict.fromkeys(n for n in names if n is not None):
+        cfg = adapter_config(raw, name)
+        if cfg.trainable:
+            raise ConfigError(f"adapter {name!r} trains whole modules {cfg.trainable}: it cannot share a batch")
+    layers = [layer for _, layer in lora_modules(raw)]
+    if any(layer.merged is not None for layer in layers):
+        raise ConfigError("adapters_per_row needs unmerged LoRA layers (unmerge_lora first)")
+    device = raw.tok_embeddings.weight.device if hasattr(raw, "tok_embeddings") else None
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if name is not None:
+            rows.setdefault(name, []).append(i)
+    groups = [(n, None if len(r) == len(names) else torch.tensor(r, device=device)) for n, r in rows.items()]
+    for layer in layers:
+        layer.row_groups = groups
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_groups = None
+
+
+@contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (e.g. DPO's reference logits); merged layers are
     unmerged for the block and merged back after. Trainable extra modules stay as they are."""
@@ -380,5 +380,5 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 __all__ = [
     "LoRAConfig", "LoRALinear", "LoRAState", "apply_lora", "add_adapter", "set_active_adapter",
     "active_adapter", "adapter_config", "lora_parameters", "lora_state_dict", "lora_modules", "lora_state",
-    "merge_lora", "unmerge_lora", "merge_and_unload", "disable_lora",
+    "merge_lora", "unmerge_lora", "merge_and_unload", "disable_lora", "adapters_per_row",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lmlab.commands._recipe import add_recipe_arguments, load_recipe
 from lmlab.errors import ConfigError
 
 
@@ -13,31 +14,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a classification recipe (recipes/classify/*.yaml). Overrides use dotted keys: "
                     "classify.method=lora optim.lr=5e-4 data.max_train=200.",
     )
-    p.add_argument("recipe", nargs="?", help="recipe YAML (e.g. recipes/classify/sst5-lora-smollm2.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--seeds", default="", help="comma-separated seeds: one run each, then mean +/- std")
-    p.add_argument("--list-keys", action="store_true", help="print every config key with its doc and exit")
+    add_recipe_arguments(p, "recipes/classify/sst5-lora-smollm2.yaml")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (>= 0): one run each, then mean +/- std")
     p.set_defaults(func=_run)
 
 
 def parse_seeds(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds {text!r}: seeds are >= 0")
+    if len(set(seeds)) != len(seeds):  # the same run twice would count twice in the mean and std
+        raise ConfigError(f"--seeds {text!r}: each seed once")
+    return seeds
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.list_keys:
-        from lmlab.schema.classify import ClassifyConfig
-        from lmlab.schema.load import field_docs
+    from lmlab.schema.classify import ClassifyConfig
+    from lmlab.tasks.classify import run_classify
 
-        for key, doc in field_docs(ClassifyConfig).items():
-            print(f"{key:32s} {doc}")
-        return 0
-    if not args.recipe:
-        raise ConfigError("lmlab classify: give a recipe YAML (see recipes/classify/)")
-    from lmlab.tasks.classify import run_recipe
-
-    run_recipe(args.recipe, args.overrides, parse_seeds(args.seeds) or None)
+    cfg = load_recipe(args, ClassifyConfig)
+    if cfg is not None:
+        run_classify(cfg, parse_seeds(args.seeds) or None)
     return 0

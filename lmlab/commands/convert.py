@@ -17,7 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", help="a registered name (smollm2-135m-instruct), file (.gguf, llama2.c .bin/.pt) or folder")
     p.add_argument("--to", required=True, choices=["lmlab", "hf", "gguf"], help="output format")
-    p.add_argument("--out", required=True, help="output folder, or file for gguf (replaced atomically if it exists)")
+    p.add_argument("--out", required=True,
+                   help="output folder (new, empty, or an earlier export of the same kind), or the .gguf file to write")
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder holding other files, or replace a file that is not a GGUF "
+                   "(lmlab still never replaces a file it did not write inside a folder)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="weight dtype to store for lmlab/hf (default fp32; bf16 halves the folder)")
     p.add_argument("--type", dest="gguf_type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
@@ -29,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmlab.weights.loading import convert
 
-    out = convert(args.src, args.to, args.out, dtype=args.dtype, gguf_type=args.gguf_type, adapter=args.adapter)
+    out = convert(args.src, args.to, args.out, dtype=args.dtype, gguf_type=args.gguf_type, adapter=args.adapter,
+                  force=args.force)
     print(f"wrote {args.to} {'file' if args.to == 'gguf' else 'folder'} {out}")
     return 0

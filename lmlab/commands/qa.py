@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lmlab.commands._args import at_least
 from lmlab.errors import ConfigError
 
 
@@ -22,14 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--adapter", action="append", default=[], metavar="TASK=DIR",
                      help="task adapter folder (lmlab or peft), e.g. mcq=runs/qa-mcq/adapters/mcq")
     ask.add_argument("--task", choices=["mcq", "saq"], help="declare the task instead of the routing rule")
-    ask.add_argument("--retries", type=int, default=2, help="extra attempts for invalid outputs")
+    ask.add_argument("--retries", type=at_least(0), default=2, help="extra attempts for invalid outputs")
     ask.set_defaults(func=_ask)
     ev = sub.add_parser("eval", help="score an adapter on its recipe's test split (+ zero-shot baseline)")
     ev.add_argument("recipe", help="the SFT recipe the adapter was trained with (its split and template)")
     ev.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (e.g. data.max_eval=100)")
     ev.add_argument("--adapter", default="", help="adapter folder; empty = base model only")
-    ev.add_argument("--retries", type=int, default=2, help="extra attempts for invalid outputs")
-    ev.add_argument("--out", default="", help="also write the full results, with each question's 0/1, to this JSON file")
+    ev.add_argument("--retries", type=at_least(0), default=2, help="extra attempts for invalid outputs")
+    ev.add_argument("--shots", type=at_least(0), default=0, metavar="K",
+                    help="K solved training examples as earlier chat turns before each test question (few-shot)")
+    ev.add_argument("--out", default="",
+                    help="also write the full results, with each question's 0/1, to this JSON file")
     ev.set_defaults(func=_eval)
 
 
@@ -59,7 +63,9 @@ def _eval(args: argparse.Namespace) -> int:
     from lmlab.fileio import atomic_write_text
     from lmlab.tasks.task_eval import evaluate_recipe
 
-    res = evaluate_recipe(args.recipe, args.overrides, args.adapter, args.retries)
+    if args.shots < 0:
+        raise ConfigError(f"--shots {args.shots}: expected 0 or more examples")
+    res = evaluate_recipe(args.recipe, args.overrides, args.adapter, args.retries, shots=args.shots)
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(res, indent=2) + "\n")
     brief = {k: {f: v for f, v in r.items() if f != "correct"} if isinstance(r, dict) else r for k, r in res.items()}

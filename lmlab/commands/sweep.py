@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmlab.commands._args import at_least
 from lmlab.errors import ConfigError
 
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a recipe key and its values; several --grid flags make a product")
     p.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2 (mean +/- std per point)")
     p.add_argument("--devices", default="", help="comma-separated devices given round-robin, e.g. cpu,cuda:0")
-    p.add_argument("--jobs", type=int, default=0, help="runs at the same time (processes); default 1")
+    p.add_argument("--jobs", type=at_least(1), default=0, help="runs at the same time (processes); default 1")
     p.add_argument("--out", default="", help="sweep folder (default runs/sweeps/<file name>)")
     p.add_argument("--in-process", action="store_true",
                    help="run each point inside this process, one after another (no start-up cost; no devices/jobs)")
@@ -35,6 +36,16 @@ def _ints(text: str, flag: str) -> list[int]:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def inprocess_runner(recipe: Path, spec) -> None:
+    """One sweep point as a pretraining run inside this process: no start-up cost, for tiny sweeps."""
+    from lmlab.evaluation.sweep import run_overrides
+    from lmlab.schema.load import load_config
+    from lmlab.schema.pretrain import PretrainConfig
+    from lmlab.tasks.pretrain import run_pretrain
+
+    run_pretrain(load_config(recipe, run_overrides(spec), schema=PretrainConfig))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,13 +79,16 @@ def run(args: argparse.Namespace) -> int:
     if args.in_process:
         if cfg.jobs > 1 or len(set(cfg.devices)) > 1:
             raise ConfigError("--in-process runs one point at a time on one device: drop --jobs/--devices")
-        runner = sweep.inprocess_runner
+        runner = inprocess_runner
     result = sweep.run_sweep(cfg, Path(recipe), runner)
     print(f"ran {len(result.ran)}, skipped {len(result.skipped)}, failed {len(result.failed)}")
     for path in result.tables:
         print(f"table: {path}")
     if result.failed:
+        from lmlab.evaluation.sweep import RunFailed
+
         for name, err in result.failed.items():
             print(f"failed: {name}: {err}")
-        return 1
+        raise RunFailed(f"{len(result.failed)} of {len(result.ran) + len(result.failed)} run(s) failed "
+                        f"({', '.join(result.failed)}); see {result.sweep_dir / 'results.md'}")
     return 0

@@ -1,15 +1,21 @@
-"""The minllama assignment's `run_llama.py` command lines, unchanged, on lmlab:
+"""The minllama assignment's `run_llama.py` command lines, unchanged, on lmlab (`python run_llama.py ...` from
+the repository root runs this module):
 
-    python -m lmlab.compat.run_llama --option finetune --epochs 5 --lr 2e-5 --batch_size 80 \
+    python run_llama.py --option generate
+    python run_llama.py --option finetune --epochs 5 --lr 2e-5 --batch_size 80 \
         --train data/sst-train.txt --dev data/sst-dev.txt --test data/sst-test.txt \
         --label-names data/sst-label-mapping.json --dev_out sst-dev-finetuning-output.txt \
         --test_out sst-test-finetuning-output.txt [--use_gpu]
 
 Each option maps onto a classification config (lmlab/schema/classify.py) and runs through
 `lmlab.tasks.classify.run_classify`; the prediction files are written where --dev_out/--test_out say,
-in the seed's `PRED ||| text` format. Differences from the seed, all deliberate:
+in the seed's `PRED ||| text` format, and `generate` writes the seed's two generated-sentence files.
+Differences from the seed, all deliberate:
 - the default backbone is lmlab's embedded SmolLM2-135M (stories42M.pt cannot be downloaded here);
-  `--pretrained-model-path` takes any `lmlab.weights.loading.load_model` spec, stories42M.pt included;
+  `--pretrained-model-path` takes any `lmlab.weights.loading.load_model` spec. A llama2.c `.pt` (the
+  assignment's stories42M.pt) loads into the assignment's model, preset `minillama-stories42m`: LayerNorm
+  in place of RMSNorm; the Llama 2 tokenizer.model comes from beside it, the working folder or the
+  shared data folder;
 - `data/<file>` paths that do not exist fall back to the shared data folder (sst5/, cfimdb/);
 - on CPU the forward pass runs under bf16 autocast (`--dtype fp32` for the seed's numerics);
 - flags the seed does not have are optional: --seeds, --out_dir, --dtype, --max_train.
@@ -23,10 +29,11 @@ import sys
 from pathlib import Path
 
 from lmlab.commands.classify import parse_seeds
-from lmlab.errors import LmlabError
+from lmlab.errors import CheckpointError, LmlabError
 from lmlab.fileio import atomic_write_text
 from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
 from lmlab.generation.sampling import SamplingConfig
+from lmlab.model.config import PRESETS
 from lmlab.paths import data_dir
 from lmlab.schema.classify import ClassifyConfig
 from lmlab.tasks.classify import run_classify
@@ -36,6 +43,10 @@ GENERATE_PREFIX = ("Victor Frankenstein, a young scientist obsessed with uncover
                    "succeeds in animating a creature assembled from")
 METHODS = {"prompt": "zeroshot", "finetune": "finetune", "lora": "lora"}
 POOLING = {"last_token": "last", "mean_pooling": "mean"}
+SEED_MODEL = "minillama-stories42m"
+"""The assignment's model (lmlab/model/config.py PRESETS): stories42M's shape with LayerNorm."""
+SEED_NORM = {k: PRESETS[SEED_MODEL][k] for k in ("norm", "norm_bias", "norm_eps")}
+STORIES42M_URL = "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories42M.pt"
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,16 +93,31 @@ def resolve_data_path(path: str) -> str:
     return path  # the reader's error names the missing file
 
 
+def model_source(path: str) -> tuple[str, dict, str]:
+    """(spec, ModelConfig overrides, tokenizer path) for --pretrained-model-path. A llama2.c `.pt` is the
+    assignment's checkpoint: its weights go into the assignment's architecture (SEED_MODEL, LayerNorm), and
+    the Llama 2 tokenizer.model is looked for beside it, here, then in the shared data folder."""
+    if Path(path).suffix.lower() != ".pt":
+        return path, {}, ""
+    if not Path(path).is_file():
+        raise CheckpointError(f"--pretrained-model-path {path}: not found; the assignment's stories42M.pt is at "
+                              f"{STORIES42M_URL} (or use preset:{SEED_MODEL}, the same model randomly initialised)")
+    beside = [Path(path).parent / "tokenizer.model", Path("tokenizer.model"),
+              data_dir() / "llama2-tokenizer" / "tokenizer.model"]
+    tokenizer = next((str(t) for t in beside if t.is_file()), "")
+    return path, dict(SEED_NORM), tokenizer
+
+
 def build_config(args: argparse.Namespace):
     """The ClassifyConfig that the seed's flags describe."""
-
     cfg = ClassifyConfig()
     method = METHODS[args.option]
     cfg.classify.method = method
     cfg.classify.dropout = args.hidden_dropout_prob
     cfg.classify.pooling = POOLING[args.pooling_method]
     cfg.classify.eval_batch_size = max(args.batch_size, 8)
-    cfg.model.spec = args.pretrained_model_path
+    cfg.model.spec, overrides, cfg.model.tokenizer = model_source(args.pretrained_model_path)
+    cfg.model.overrides = overrides
     cfg.data.train, cfg.data.dev, cfg.data.test = (resolve_data_path(p) for p in (args.train, args.dev, args.test))
     cfg.data.label_names = resolve_data_path(args.label_names)
     cfg.data.test_has_labels = "cfimdb" not in Path(args.test).name  # CFIMDB test labels are placeholders
@@ -113,9 +139,12 @@ def build_config(args: argparse.Namespace):
 
 def generate_sentences(args: argparse.Namespace) -> None:
     """Two continuations of the seed's prefix, at temperature 0 and 1, one file each."""
-
-    loaded = load_model(args.pretrained_model_path, device="cuda" if args.use_gpu else "cpu")
+    spec, overrides, tokenizer = model_source(args.pretrained_model_path)
+    loaded = load_model(spec, device="cuda" if args.use_gpu else "cpu", overrides=overrides,
+                        tokenizer=tokenizer or None)
     tok = loaded.tokenizer
+    if tok is None:
+        raise CheckpointError(f"{spec}: no tokenizer beside this model; put its tokenizer.model next to it")
     prompt = encode_prompt(tok, GENERATE_PREFIX)
     for temperature, out in ((0.0, args.generated_sentence_low_temp_out), (1.0, args.generated_sentence_high_temp_out)):
         cfg = GenerationConfig(max_new_tokens=75, sampling=SamplingConfig(temperature=temperature), seed=args.seed,
@@ -154,4 +183,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["get_args", "build_config", "main", "resolve_data_path"]
+__all__ = ["build_config", "get_args", "main", "model_source", "resolve_data_path"]

@@ -18,7 +18,7 @@ import torch
 
 from lmlab.data.batch import IGNORE_INDEX, Batch, right_pad
 from lmlab.errors import ConfigError, DataError
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, read_text
 
 SEPARATOR = " ||| "
 SST2_NAMES = ["negative", "positive"]
@@ -58,9 +58,7 @@ class LabeledTexts:
 def read_label_names(path: str | Path) -> list[str]:
     """A JSON list (index = label id), as the minllama `*-label-mapping.json` files."""
     try:
-        names = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: label-name mapping not found") from None
+        names = json.loads(read_text(path, "label-name mapping"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     if isinstance(names, dict):  # {"0": "bad", "1": "good"} is accepted too
@@ -145,18 +143,19 @@ def _records(path: str | Path, suffix: str):
             yield where, record
         return
     reader = csv.DictReader(lines, delimiter="\t" if suffix == ".tsv" else ",")
-    for record in reader:
-        where = f"{path}:{reader.line_num}"
-        yield where, record if any((v or "").strip() for v in record.values()) else None
+    try:
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in record:  # more fields than the header names
+                raise DataError(f"{where}: {len(record) - 1 + len(record[None])} fields, the header names "
+                                f"{len(reader.fieldnames or [])}")
+            yield where, record if any((v or "").strip() for v in record.values()) else None
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: not a valid CSV row ({err})") from None
 
 
 def _lines(path: str | Path) -> list[str]:
-    try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    return read_text(path, "data file").splitlines()
 
 
 def to_sst2(data: LabeledTexts) -> LabeledTexts:
@@ -179,7 +178,12 @@ def read_split(path: str | Path, label_names: list[str], fmt: str = "auto", text
         data = read_table(path, label_names, text_field, label_field)
     else:
         raise DataError(f"data format {fmt!r}: expected auto, pipe or table")
-    return to_sst2(data) if sst2 else data
+    data = to_sst2(data) if sst2 else data
+    if not len(data):  # metrics over 0 examples (accuracy 0.000) or an epoch of 0 steps mean nothing
+        why = f"{data.skipped_empty} empty line(s)" if data.skipped_empty else "the file is empty"
+        why += f", {data.dropped} dropped" if data.dropped else ""
+        raise DataError(f"{path}: no examples ({why}); expected `LABEL ||| text` lines or table rows")
+    return data
 
 
 __all__ = ["LabeledTexts", "read_label_names", "read_pipe_file", "read_table", "read_split", "to_sst2",

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from lmlab.errors import DataError
+from lmlab.fileio import decode_text
 
 
 def read_documents(path: str, *, field: str = "text", column: str = "text", separator: str = "record",
@@ -30,10 +31,7 @@ def read_documents(path: str, *, field: str = "text", column: str = "text", sepa
         raise DataError(f"{path}: corpus file not found")
     raw = file.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    text = decode_text(raw, path, "corpus")
     suffix = file.suffix.lower()
     if suffix == ".jsonl":
         docs = _jsonl_docs(text, path, field)
@@ -45,7 +43,7 @@ def read_documents(path: str, *, field: str = "text", column: str = "text", sepa
         docs = _split_text(text, separator)
     docs = [d for d in docs if d]
     if not docs or not any(d.strip() for d in docs):
-        raise DataError(f"{path}: the corpus is empty (no text to train on)")
+        raise DataError(f"{path}: the corpus is empty (no text)")
     return docs, digest
 
 
@@ -91,9 +89,12 @@ def _field(record: object, field: str, where: str) -> str:
 
 def _csv_docs(text: str, path: str, column: str) -> list[str]:
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or column not in reader.fieldnames:
-        raise DataError(f"{path}: no column {column!r} (columns: {reader.fieldnames}; set data.column)")
-    return [row[column] or "" for row in reader]
+    try:
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise DataError(f"{path}: no column {column!r} (columns: {reader.fieldnames}; set data.column)")
+        return [row[column] or "" for row in reader]
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: not a valid CSV row ({err})") from None
 
 
 def _read_hf(name: str, field: str, split: str) -> tuple[list[str], str]:

@@ -32,6 +32,7 @@ import torch
 
 from lmlab.data.batch import IGNORE_INDEX, Batch
 from lmlab.errors import ConfigError, DataError
+from lmlab.fileio import read_text
 
 Record = dict[str, Any]  # instruction, input, output (str) + optional extra fields
 
@@ -55,10 +56,7 @@ ALPACA_MARKER = "### Response:"
 def read_alpaca(path: str | Path) -> list[Record]:
     """An Alpaca JSON array (or JSONL). `instruction` and `output` are required; `input` may be absent."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: instruction data not found") from None
+    text = read_text(path, "instruction data")
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(ln) for ln in text.splitlines() if ln.strip()]
     except json.JSONDecodeError as err:
@@ -200,7 +198,7 @@ def example_rows(ex: Example, full: bool = False) -> tuple[list[int], list[int]]
     return ex.ids[:-1], labels
 
 
-def collate(examples: list[Example], pad_id: int, full: bool = False) -> Batch:
+def collate_examples(examples: list[Example], pad_id: int, full: bool = False) -> Batch:
     """Right-padded batch; padding labels are IGNORE_INDEX. With `full`, every token is a target and
     `response_mask` marks the response targets (plain and conditional perplexity in one pass)."""
     T = max(len(e.ids) - 1 for e in examples)
@@ -262,7 +260,7 @@ class InstructBatches:
     def __call__(self, step: int, micro: int = 0) -> Batch:
         picks = self.step_items(step)[micro * self.batch_size: (micro + 1) * self.batch_size]
         if isinstance(picks[0], Example):
-            return collate(picks, self.pad_id)
+            return collate_examples(picks, self.pad_id)
         T = max(len(x) for x, _ in picks)
         inputs = torch.full((len(picks), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(picks), T), IGNORE_INDEX, dtype=torch.long)
@@ -271,7 +269,7 @@ class InstructBatches:
         return {"input_ids": inputs, "labels": labels}
 
 
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int, full: bool = False) -> list[Batch]:
+def example_eval_batches(examples: list[Example], batch_size: int, pad_id: int, full: bool = False) -> list[Batch]:
     """Fixed batches in order, sorted by length so little padding is computed."""
     order = sorted(examples, key=lambda e: len(e.ids))
-    return [collate(order[i: i + batch_size], pad_id, full) for i in range(0, len(order), batch_size)]
+    return [collate_examples(order[i: i + batch_size], pad_id, full) for i in range(0, len(order), batch_size)]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from lmlab.data.batch import IGNORE_INDEX, Batch
 from lmlab.data.corpus import read_documents
 from lmlab.errors import DataError
-from lmlab.fileio import atomic_replace_dir
+from lmlab.fileio import atomic_replace_dir, atomic_write_text
 from lmlab.tokenization import load_tokenizer
 from lmlab.tokenization.char import CharTokenizer
 
@@ -65,7 +66,10 @@ def build_shards(
                     val_fraction=None if val_docs else val_fraction, vocab=tokenizer.vocab_size)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     folder = Path(cache_dir or default_cache_dir()) / key
-    if not (folder / "meta.json").is_file():
+    damage = cache_damage(folder, tokenizer.vocab_size) if (folder / "meta.json").is_file() else "missing"
+    if damage != "missing" and damage:
+        print(f"warning: token cache {folder} is damaged ({damage}); rebuilding it", file=sys.stderr)
+    if damage:
         encode = lambda ds: _encode(ds, tokenizer, add_bos, add_eos)  # noqa: E731
         if val_docs:
             train, val = encode(docs), encode(val_docs)
@@ -108,7 +112,46 @@ def _open(folder: Path, name: str) -> TokenSplit:
     dtype = np.dtype(json.loads((folder / "meta.json").read_text())["dtype"])
     path = folder / f"{name}.bin"
     tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-    return TokenSplit(tokens, np.load(folder / f"{name}_docs.npy"))
+    return TokenSplit(tokens, np.load(folder / f"{name}_docs.npy", allow_pickle=False))
+
+
+VERIFIED = "verified.json"  # (size, mtime) of each .bin whose ids were last read and found in range
+
+
+def cache_damage(folder: Path, vocab_size: int) -> str:
+    """What is wrong with a token cache folder ("" when it is whole): every file present and readable, each
+    split as long as meta.json says, document offsets that end at that length, and no id at or above the
+    vocabulary (a truncated copy or a stray write must never train on part of a corpus or crash the
+    embedding). The ids are read once per version of a file (a pass over its memory map); verified.json
+    remembers the size and mtime they were read at."""
+    try:
+        verified = json.loads((folder / VERIFIED).read_text()) if (folder / VERIFIED).is_file() else {}
+    except (OSError, ValueError):
+        verified = {}
+    seen = {}
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        for name in ("train", "val"):
+            split = _open(folder, name)
+            n = int(meta[f"n_{name}"])
+            if len(split) != n:
+                return f"{name}.bin holds {len(split):,} tokens, meta.json says {n:,}"
+            offsets = split.doc_offsets
+            if offsets.ndim != 1 or not len(offsets) or offsets[0] != 0 or offsets[-1] != n or \
+                    (np.diff(offsets) < 0).any():
+                return f"{name}_docs.npy does not cut {name}.bin into documents"
+            stat = (folder / f"{name}.bin").stat()
+            seen[name] = [stat.st_size, stat.st_mtime_ns]
+            if n and verified.get(name) != seen[name] and int(split.tokens.max()) >= vocab_size:
+                return f"{name}.bin holds token id {int(split.tokens.max())}, the vocabulary has {vocab_size}"
+        if dtype != token_dtype(vocab_size):
+            return f"dtype {dtype} for a vocabulary of {vocab_size}"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+    if seen != verified:
+        atomic_write_text(folder / VERIFIED, json.dumps(seen) + "\n")
+    return ""
 
 
 def check_length(split: TokenSplit, seq_len: int, name: str, source: str) -> None:
@@ -198,7 +241,7 @@ class PaddedChunks:
         return collate_chunks(self.tokens, picked, self.seq_len, self.pad_id)
 
 
-def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str, *, pad_id: int = 0,
+def token_eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str, *, pad_id: int = 0,
                  max_batches: int = 0, rank: int = 0, world: int = 1) -> list[Batch]:
     """A fixed validation set: non-overlapping windows (random mode) or every chunk (chunks mode),
     in global batches of batch_size * world (the first `max_batches` of them; 0 = all), each process
@@ -219,15 +262,15 @@ def eval_batches(split: TokenSplit, seq_len: int, batch_size: int, sampling: str
 def build_tokenizer(spec: str, docs: list[str]) -> tuple[Any, str]:
     """(tokenizer, identity for the token cache): `char` is built from the corpus, else a path."""
     if spec == "char":
-
         return CharTokenizer.from_text("".join(docs)), "char"
 
+    tokenizer = load_tokenizer(spec)  # first: a missing or unreadable path is its one-line error
     path = Path(spec)
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.read_bytes())
-    return load_tokenizer(spec), f"file:{digest.hexdigest()}"
+    return tokenizer, f"file:{digest.hexdigest()}"
 
 
 

@@ -10,12 +10,14 @@ Each record carries `task`, `source`, `answers` (all references) and `choices` f
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
 
 from lmlab.data.instruct import Record
 from lmlab.errors import DataError
+from lmlab.fileio import read_text
 
 LETTERS = "ABCDEFGHIJ"
 MCQ_INSTRUCTION = "Answer the following multiple choice question with the letter of the correct option only."
@@ -32,8 +34,13 @@ def saq_instruction(question: str) -> str:
     return f"{SAQ_INSTRUCTION}\n\nQuestion: {q if q.endswith('?') else q + '?'}"
 
 
+def is_option_letter(answer: object, n_options: int) -> bool:
+    """Exactly one of the first `n_options` letters ("BC", "" and "b" are not)."""
+    return isinstance(answer, str) and len(answer) == 1 and answer in LETTERS[:n_options]
+
+
 def _mcq(question: str, choices: list[str], answer: str, source: str, where: str) -> Record:
-    if answer not in LETTERS[: len(choices)]:
+    if not is_option_letter(answer, len(choices)):
         raise DataError(f"{where}: answer {answer!r} is not one of the option letters {LETTERS[:len(choices)]}")
     return {"instruction": mcq_instruction(question, choices), "input": "", "output": answer, "task": "mcq",
             "source": source, "answers": [answer], "choices": choices, "question": question}
@@ -69,19 +76,22 @@ def read_mmlu(path: str | Path) -> list[Record]:
         raise DataError(f"{path}: no MMLU .csv file found")
     out = []
     for f in files:
-        with open(f, newline="", encoding="utf-8") as fh:
-            for i, row in enumerate(csv.reader(fh)):
-                if len(row) != 6:
-                    raise DataError(f"{f}: row {i + 1}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
-                out.append(_mcq(row[0], row[1:5], row[5].strip(), "mmlu", f"{f}: row {i + 1}"))
+        try:
+            rows = list(csv.reader(io.StringIO(read_text(f, "MMLU .csv file"), newline="")))
+        except csv.Error as err:
+            raise DataError(f"{f}: not a CSV file ({err})") from None
+        for i, row in enumerate(rows):
+            if len(row) != 6:
+                raise DataError(f"{f}: row {i + 1}: expected 6 fields (question, A, B, C, D, answer), got {len(row)}")
+            out.append(_mcq(row[0], row[1:5], row[5].strip(), "mmlu", f"{f}: row {i + 1}"))
     return out
 
 
 def read_arc(path: str | Path) -> list[Record]:
     """ARC JSONL; options are relabelled A, B, ... in their given order."""
     out = []
-    for i, row in enumerate(_jsonl(path)):
-        where = f"{path}: line {i + 1}"
+    for i, row in _jsonl(path):
+        where = f"{path}: line {i}"
         try:
             choices = row["question"]["choices"]
             labels = [c["label"] for c in choices]
@@ -100,25 +110,26 @@ def mcq_records(path: str | Path) -> list[Record]:
 def saq_records(path: str | Path) -> list[Record]:
     """NQ-open JSONL: the first reference is the training target; all count at evaluation."""
     out = []
-    for i, row in enumerate(_jsonl(path)):
-        answers = row.get("answer") if isinstance(row, dict) else None
-        if not isinstance(row, dict) or "question" not in row or not answers or not isinstance(answers, list):
-            raise DataError(f"{path}: line {i + 1}: expected {{question, answer: [str, ...]}}")
+    for i, row in _jsonl(path):
+        answers = row.get("answer")
+        if not isinstance(row.get("question"), str) or not isinstance(answers, list) or not answers or \
+                not all(isinstance(a, str) and a.strip() for a in answers):
+            raise DataError(f"{path}: line {i}: expected {{question, answer: [str, ...]}}")
         out.append({"instruction": saq_instruction(row["question"]), "input": "", "output": answers[0],
                     "task": "saq", "source": "nq", "answers": answers, "question": row["question"]})
     return out
 
 
-def _jsonl(path: str | Path) -> list[dict]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found") from None
+def _jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSONL file; each line must be a JSON object."""
     rows = []
-    for i, line in enumerate(lines):
+    for i, line in enumerate(read_text(path, "JSONL file").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {i + 1}: not valid JSON ({err})") from None
+                raise DataError(f"{path}: line {i}: not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}")
+            rows.append((i, row))
     return rows

@@ -13,19 +13,21 @@ from pathlib import Path
 from lmlab.data.instruct import Record
 from lmlab.data.qa import _jsonl
 from lmlab.errors import DataError
+from lmlab.fileio import read_text
 
 DIALOGSUM_INSTRUCTION = "Summarize the following dialogue in one or two sentences."
 GSM8K_INSTRUCTION = "Solve the math word problem. Reason step by step, then give the final answer after '####'."
 SST2_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 _CALC = re.compile(r"<<[^>]*>>")
+SST5_LABELS = ("0", "1", "2", "3", "4")
 
 
 def dialogsum_records(path: str | Path) -> list[Record]:
     out = []
-    for i, row in enumerate(_jsonl(path)):
+    for i, row in _jsonl(path):
         refs = [row[k] for k in ("summary", "summary1", "summary2", "summary3") if k in row]
-        if "dialogue" not in row or not refs:
-            raise DataError(f"{path}: line {i + 1}: expected {{dialogue, summary}}")
+        if not isinstance(row.get("dialogue"), str) or not refs or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"{path}: line {i}: expected {{dialogue, summary}} strings")
         out.append({"instruction": DIALOGSUM_INSTRUCTION, "input": row["dialogue"], "output": refs[0],
                     "task": "summarize", "answers": refs})
     return out
@@ -34,9 +36,10 @@ def dialogsum_records(path: str | Path) -> list[Record]:
 def gsm8k_records(path: str | Path) -> list[Record]:
     """The target is the worked solution without calculator annotations (`<<48/2=24>>`)."""
     out = []
-    for i, row in enumerate(_jsonl(path)):
-        if "question" not in row or "####" not in row.get("answer", ""):
-            raise DataError(f"{path}: line {i + 1}: expected {{question, answer ending in '#### N'}}")
+    for i, row in _jsonl(path):
+        answer = row.get("answer")
+        if not isinstance(row.get("question"), str) or not isinstance(answer, str) or "####" not in answer:
+            raise DataError(f"{path}: line {i}: expected {{question, answer ending in '#### N'}}")
         solution = _CALC.sub("", row["answer"])
         final = solution.rsplit("####", 1)[1].strip()
         out.append({"instruction": f"{GSM8K_INSTRUCTION}\n\n{row['question']}", "input": "", "output": solution,
@@ -47,10 +50,12 @@ def gsm8k_records(path: str | Path) -> list[Record]:
 def sst2_records(path: str | Path) -> list[Record]:
     """SST-2 from an SST-5 `LABEL ||| sentence` file (neutral dropped)."""
     out = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(read_text(path, "SST file").splitlines()):
+        if not line.strip():
+            continue
         label, sep, text = line.partition("|||")
-        if not sep or label.strip() not in "01234" or not label.strip():
-            raise DataError(f"{path}: line {i + 1}: expected 'LABEL ||| sentence' with LABEL 0-4")
+        if not sep or label.strip() not in SST5_LABELS:
+            raise DataError(f"{path}: line {i + 1}: expected 'LABEL ||| sentence' with LABEL one of 0-4")
         if label.strip() == "2":
             continue
         answer = "positive" if int(label) >= 3 else "negative"

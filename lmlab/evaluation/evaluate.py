@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -30,18 +31,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmlab.data.batch import IGNORE_INDEX
+from lmlab.data.batch import IGNORE_INDEX, pad_id_of
 from lmlab.data.corpus import read_documents
-from lmlab.data.pretrain import eval_batches, prepare_data
+from lmlab.data.pretrain import prepare_data, token_eval_batches
 from lmlab.errors import ConfigError, DataError
 from lmlab.evaluation.plots import plot_lines, plot_loss_by_position
 from lmlab.evaluation.sweep import markdown_table
 from lmlab.fileio import atomic_write_text
-from lmlab.generation.generate import GenerationConfig, generate_ids
+from lmlab.generation.generate import GenerationConfig, generate, generate_ids
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.model.kv_cache import KVCache
 from lmlab.precision import DTYPES, Precision, resolve_device
 from lmlab.schema.load import load_config
+from lmlab.schema.pretrain import PretrainConfig
 from lmlab.train.loop import evaluate
 from lmlab.train.losses import lm_loss
 from lmlab.weights.checkpoint import load_checkpoint
@@ -90,31 +92,47 @@ class PerplexityResult:
     context: int
     stride: int
     seconds: float
+    n_docs: int = 1
+    """Documents scored (each on its own windows)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.n_tokens / max(self.seconds, 1e-9)
 
 
-@torch.no_grad()
 def sliding_window_perplexity(
     model: Any, ids: Sequence[int] | torch.Tensor, context: int, stride: int | None = None,
     batch_size: int = 1, device: str | torch.device = "cpu", autocast: torch.dtype | None = None,
     progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of token stream `ids` under `model` (see the module docstring for the method)."""
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    return documents_perplexity(model, [ids], context, stride, batch_size, device, autocast, progress)
+
+
+@torch.no_grad()
+def documents_perplexity(
+    model: Any, docs: Sequence[Sequence[int] | torch.Tensor], context: int, stride: int | None = None,
+    batch_size: int = 1, device: str | torch.device = "cpu", autocast: torch.dtype | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Token-weighted perplexity of several documents, each scored on its own with sliding windows (no
+    window spans two documents, so each starts fresh from its own first token, BOS where the tokenizer
+    adds one). Documents of fewer than 2 tokens have nothing to score and are left out."""
+    streams = [torch.as_tensor(d, dtype=torch.long).flatten() for d in docs]
+    streams = [d for d in streams if len(d) >= 2]
+    if not streams:
+        raise DataError("no document has the 2 tokens needed to score one")
     stride = stride or context
-    plan = window_plan(len(ids), context, stride)
+    plan = [(k, b, e, f) for k, d in enumerate(streams) for b, e, f in window_plan(len(d), context, stride)]
     t0 = time.perf_counter()
     total, count = 0.0, 0
     groups = [plan[i:i + batch_size] for i in range(0, len(plan), batch_size)]
     bar = _bar(len(plan), progress)
     for group in groups:
-        for same in _by_length(group):  # the last window may be shorter than the others
-            tokens = torch.stack([ids[b:e] for b, e, _ in same]).to(device)
+        for same in _by_length(group):  # documents' last windows are shorter than the others
+            tokens = torch.stack([streams[k][b:e] for k, b, e, _ in same]).to(device)
             labels = tokens[:, 1:].clone()
-            for row, (b, _, first) in enumerate(same):
+            for row, (_, b, _, first) in enumerate(same):
                 labels[row, : first - b - 1] = IGNORE_INDEX
             with _autocast(device, autocast):
                 logits = logits_of(model, tokens[:, :-1])  # windows hold >= 2 tokens
@@ -124,12 +142,13 @@ def sliding_window_perplexity(
         bar.update(len(group))
     bar.close()
     nll = total / count
-    return PerplexityResult(nll, math.exp(nll), count, len(plan), context, stride, time.perf_counter() - t0)
+    return PerplexityResult(nll, math.exp(nll), count, len(plan), context, stride, time.perf_counter() - t0,
+                            len(streams))
 
 
-def _by_length(windows: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
-    lengths = sorted({e - b for b, e, _ in windows}, reverse=True)
-    return [[w for w in windows if w[1] - w[0] == n] for n in lengths]
+def _by_length(windows: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    lengths = sorted({e - b for _, b, e, _ in windows}, reverse=True)
+    return [[w for w in windows if w[2] - w[1] == n] for n in lengths]
 
 
 def _autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -144,38 +163,57 @@ def _bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, disable=not enabled, unit="window", dynamic_ncols=True)
 
 
-def read_eval_text(path: str | Path, field: str = "text", column: str = "text") -> str:
-    """A plain text file as is; JSONL/JSON records (`field`) or CSV rows (`column`) joined by blank lines."""
+SEPARATORS = ("auto", "none", "line", "blank_line")
+"""--separator values; any other string is a literal marker between documents (e.g. <|endoftext|>)."""
+END_OF_TEXT = "<|endoftext|>"  # TinyStories' and GPT-2's document marker
 
-    docs, _ = read_documents(str(path), field=field, column=column, separator="record")
-    return "\n\n".join(docs)
+
+def read_eval_documents(path: str | Path, field: str = "text", column: str = "text",
+                        separator: str = "auto") -> list[str]:
+    """The documents of an evaluation file. JSONL/JSON records (`field`) and CSV rows (`column`) are one
+    document each. Plain text: `auto` splits at <|endoftext|> when the text has it (else one document),
+    `none` keeps the file whole, `line` / `blank_line` split there, any other value is the marker."""
+    docs, _ = read_documents(str(path), field=field, column=column,
+                             separator=separator if separator in ("line", "blank_line") else "record")
+    if Path(path).suffix.lower() in (".jsonl", ".json", ".csv") or separator in ("none", "line", "blank_line"):
+        return docs
+    marker = END_OF_TEXT if separator == "auto" else separator
+    parts = [p.strip("\n") for d in docs for p in d.split(marker)]
+    return [p for p in parts if p.strip()] or docs
 
 
 def model_perplexity(
     spec: str, data: str | Path, *, context: int = 0, stride: int = 0, max_tokens: int = 0, batch_size: int = 1,
-    field: str = "text", device: str = "cpu", dtype: str = "fp32", progress: bool = True,
+    field: str = "text", device: str = "cpu", dtype: str = "fp32", progress: bool = True, separator: str = "auto",
 ) -> tuple[PerplexityResult, dict[str, Any]]:
     """Load any model lmlab can load (`lmlab.weights.loading.load_model`) and measure its perplexity on a file.
 
     context 0 = the model's trained context, capped at 1024 (CPU time grows with it); stride 0 = context/2.
+    Each document (see `read_eval_documents`) is tokenized on its own, with BOS where the tokenizer adds
+    one, and scored on its own windows; max_tokens caps the total.
     """
 
     loaded = load_model(spec, device=device)
-    model, tok = loaded.model, loaded.tokenizer
-    if tok is None:
-        raise ConfigError(f"{spec}: no tokenizer came with this model; put one beside it (tokenizer.model, "
-                          "tokenizer.json) or use a checkpoint folder that holds one")
+    model, tok = loaded.model, loaded.require_tokenizer("put a tokenizer file beside it")
     model.eval()
     trained = _trained_context(model)
+    if trained and context > trained:  # windows past the trained context score positions it never learned
+        raise ConfigError(f"context={context} is longer than {spec}'s trained context of {trained} tokens")
     context = context or min(trained or 1024, 1024)
     stride = stride or max(1, context // 2)
-    ids = tok.encode(read_eval_text(data, field), bos=bool(tok.add_bos and tok.bos_id is not None))
-    if max_tokens:
-        ids = ids[:max_tokens]
-    result = sliding_window_perplexity(model, ids, context, stride, batch_size, device,
-                                       None if dtype == "fp32" else DTYPES[dtype], progress)
+    bos = bool(tok.add_bos and tok.bos_id is not None)
+    docs, budget = [], max_tokens or math.inf
+    for text in read_eval_documents(data, field, separator=separator):
+        ids = tok.encode(text, bos=bos)[: budget if budget < math.inf else None]
+        docs.append(ids)
+        budget -= len(ids)
+        if budget <= 0:
+            break
+    result = documents_perplexity(model, docs, context, stride, batch_size, device,
+                                  None if dtype == "fp32" else DTYPES[dtype], progress)
     info = dict(model=str(spec), source=str(getattr(loaded, "source", spec)), data=str(data), dtype=dtype,
-                device=device, trained_context=trained, tokenizer=type(tok).__name__)
+                device=device, trained_context=trained, tokenizer=type(tok).__name__, separator=separator,
+                bos_per_document=bos)
     return result, info
 
 
@@ -268,7 +306,7 @@ def run_validation_tokens(run_dir: Path) -> tuple[Any, Any, Any]:
     """(config, tokenizer, validation TokenSplit) of a run, rebuilt from its config.yaml the way
     `lmlab run` builds them (the token cache makes this a lookup, not a re-tokenization)."""
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", schema=PretrainConfig)
     tokenizer, _, val = prepare_data(cfg.data)
     return cfg, tokenizer, val
 
@@ -282,8 +320,6 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def _checkpoint_step(folder: Path) -> int | None:
-    import json
-
     meta = folder / "meta.json"
     if meta.is_file():
         return json.loads(meta.read_text()).get("step")
@@ -292,7 +328,6 @@ def _checkpoint_step(folder: Path) -> int | None:
 
 def evaluate_run(run_dir: str | Path, device: str = "cpu", dtype: str = "fp32", max_batches: int = 0) -> tuple[Path, Path]:
     """Validation loss and perplexity of every checkpoint of a run -> eval/checkpoints.csv and .png."""
-
     run_dir = Path(run_dir)
     folders = checkpoint_dirs(run_dir)
     if not folders:
@@ -303,10 +338,9 @@ def evaluate_run(run_dir: str | Path, device: str = "cpu", dtype: str = "fp32", 
     for folder in folders:
         model = load_checkpoint(folder, device=precision.device)
         seq_len = cfg.data.seq_len or model.config.max_seq_len
-        pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-        batches = eval_batches(val, seq_len, cfg.train.batch_size, cfg.data.sampling, pad_id=pad_id,
-                               max_batches=max_batches or cfg.data.val_batches)
-        loss = evaluate(model, lm_loss, batches, precision)
+        batches = token_eval_batches(val, seq_len, cfg.train.batch_size, cfg.data.sampling, pad_id=pad_id_of(tok),
+                                     max_batches=max_batches or cfg.data.val_batches)
+        loss = evaluate(model, lm_loss, batches, precision)["loss"]
         rows.append(dict(checkpoint=folder.name, step=_checkpoint_step(folder), val_loss=loss, val_ppl=math.exp(loss)))
     out = run_dir / "eval"
     csv_path = out / "checkpoints.csv"
@@ -317,6 +351,39 @@ def evaluate_run(run_dir: str | Path, device: str = "cpu", dtype: str = "fp32", 
     png = plot_lines(lines, out / "checkpoints.png", title=f"validation loss by checkpoint: {run_dir.name}",
                      xlabel="step", ylabel="validation loss (nats/token)", vlines=best, markers=True)
     return csv_path, png
+
+
+def checkpoint_samples(run_dir: str | Path, prompts: Sequence[str], *, max_new_tokens: int = 60,
+                       temperature: float = 0.8, top_k: int | None = 40, seed: int = 0,
+                       device: str = "cpu") -> Path:
+    """Seed 001's generate_from_checkpoints.py: every checkpoint of a run continues the same prompts with the
+    same seed and sampling, side by side -> RUN_DIR/eval/samples.md (a row per prompt, a column per
+    checkpoint; newlines shown as <br>), so what training changed reads across a row."""
+    run_dir = Path(run_dir)
+    folders = checkpoint_dirs(run_dir)
+    if not folders:
+        raise DataError(f"{run_dir}: no checkpoints (expected checkpoints/step_XXXXXXX/ or checkpoints/best/)")
+    if not prompts:
+        raise ConfigError("--samples: give at least one prompt (or a file of prompts, one per line)")
+    gen = GenerationConfig(max_new_tokens, SamplingConfig(temperature=temperature, top_k=top_k), seed=seed)
+    columns: dict[str, list[str]] = {}
+    tokenizer = None
+    for folder in folders:
+        loaded = load_model(folder, device=device)
+        if loaded.tokenizer is None and tokenizer is None:  # checkpoints written without one: the run's
+            tokenizer = run_validation_tokens(run_dir)[1]
+        tok = loaded.tokenizer or tokenizer
+        step = _checkpoint_step(folder)
+        label = f"step {step}" if folder.name.startswith("step_") else f"{folder.name} (step {step})"
+        columns[label] = generate(loaded.model, tok, list(prompts), gen)
+    rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
+    cells = [{k: str(v).replace("\n", "<br>") for k, v in r.items()} for r in rows]
+    settings = (f"{max_new_tokens} tokens per sample, temperature {temperature}, top-k {top_k}, seed {seed}: "
+                "each cell continues its row's prompt")
+    out = run_dir / "eval" / "samples.md"
+    atomic_write_text(out, f"# Samples by checkpoint: {run_dir.name}\n\n{settings}\n\n"
+                           + markdown_table(cells, ["prompt", *columns]) + "\n")
+    return out
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -378,7 +445,6 @@ def long_context_eval(
 
 
 def _load_run_model(run_dir: Path, device: str) -> tuple[Any, Any, int, Any]:
-
     folders = checkpoint_dirs(run_dir)
     if not folders:
         raise DataError(f"{run_dir}: no checkpoints to evaluate")
@@ -390,9 +456,8 @@ def _load_run_model(run_dir: Path, device: str) -> tuple[Any, Any, int, Any]:
 
 def _long_sample(model: Any, tok: Any, name: str, prompt: str, length: int, context: int, seed: int) -> str:
     """Sample `length` tokens; mark where the trained context ends; distinct-2 before and after it."""
-
     ids = tok.encode(prompt, bos=bool(tok.add_bos and tok.bos_id is not None)) or [tok.bos_id or 0]
-    gen = GenerationConfig(max_new_tokens=length - len(ids), seed=seed,
+    gen = GenerationConfig(max_new_tokens=length - len(ids), seed=seed, past_context=True,  # the experiment
                            sampling=SamplingConfig(temperature=0.8, top_k=50))
     new = generate_ids(model, [ids], gen)[0]
     full = ids + new

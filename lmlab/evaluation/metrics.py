@@ -75,7 +75,6 @@ def rouge(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> di
     try:
         from rouge_score import rouge_scorer
     except ImportError:
-
         raise LmlabError("ROUGE needs the rouge-score package: pip install 'lmlab[eval]'") from None
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)

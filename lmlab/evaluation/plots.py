@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lmlab.errors import DataError
-from lmlab.fileio import atomic_write_bytes
+from lmlab.fileio import atomic_write_bytes, read_text
 
 Metrics = list[dict[str, Any]]
 
@@ -35,7 +35,7 @@ def read_metrics(path: str | Path) -> Metrics:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: no metrics file (expected a run folder with metrics.jsonl)")
-    lines = path.read_text().splitlines()
+    lines = read_text(path, "metrics file").splitlines()
     rows = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

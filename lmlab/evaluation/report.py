@@ -15,7 +15,7 @@ from typing import Any
 from lmlab.errors import LmlabError
 from lmlab.evaluation import plots
 from lmlab.evaluation.sweep import format_value, markdown_table
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, read_text
 
 REPORT = "report.md"
 
@@ -71,16 +71,15 @@ def run_report(run_dir: Path, report_dir: Path) -> str:
         parts += ["## Checkpoint evaluation", "", _csv_as_markdown(evals), ""]
     samples = run_dir / "samples.txt"
     if samples.is_file():
-        parts += ["## Samples", "", "```text", samples.read_text().strip(), "```", ""]
+        parts += ["## Samples", "", "```text", read_text(samples).strip(), "```", ""]
     config = run_dir / "config.yaml"
     if config.is_file():
-        parts += ["## Config", "", "```yaml", config.read_text().strip(), "```", ""]
+        parts += ["## Config", "", "```yaml", read_text(config).strip(), "```", ""]
     return "\n".join(parts)
 
 
 def _run_plots(run_dir: Path) -> list[Path]:
     """Curves drawn now from metrics.jsonl, plus every PNG the run (or `lmlab evaluate`) left behind."""
-
     drawn: list[Path] = []
     if (run_dir / "metrics.jsonl").is_file() and plots.read_metrics(run_dir):
         drawn = plots.plot_run(run_dir)
@@ -93,7 +92,7 @@ def sweep_report(sweep_dir: Path, report_dir: Path) -> str:
     parts = [f"# Sweep report: {sweep_dir.name}", "", f"Folder: `{sweep_dir}`", ""]
     results = sweep_dir / "results.md"
     if results.is_file():
-        body = results.read_text().strip().splitlines()
+        body = read_text(results).strip().splitlines()
         parts += ["## Results", "", *[("#" + line if line.startswith("## ") else line) for line in body[1:]], ""]
     plot_dir = sweep_dir / "plots"
     overlays = [p for p in sorted(plot_dir.glob("*_curves*.png"))]
@@ -104,12 +103,12 @@ def sweep_report(sweep_dir: Path, report_dir: Path) -> str:
     if extra:
         parts += ["## Analysis", ""] + [_image(p, report_dir) for p in extra] + [""]
     for md in sorted((sweep_dir / "eval").glob("*.md")):
-        parts += [f"### {md.stem}", "", md.read_text().strip(), ""]
+        parts += [f"### {md.stem}", "", read_text(md).strip(), ""]
     if per_run:
         parts += ["## Each run", ""] + [_image(p, report_dir) for p in per_run] + [""]
     config = sweep_dir / "sweep.yaml"
     if config.is_file():
-        parts += ["## Sweep config", "", "```yaml", config.read_text().strip(), "```", ""]
+        parts += ["## Sweep config", "", "```yaml", read_text(config).strip(), "```", ""]
     return "\n".join(parts)
 
 
@@ -122,14 +121,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise LmlabError(f"{path}: not valid JSON ({err.msg})") from None
     return data if isinstance(data, dict) else {}
 
 
 def _kv_table(data: dict[str, Any]) -> str:
-
     lines = ["| key | value |", "|---|---|"]
     for key, value in data.items():
         shown = json.dumps(value) if isinstance(value, (dict, list)) else format_value(value)

@@ -10,20 +10,28 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from lmlab.data.batch import right_pad
 from lmlab.errors import ConfigError
 from lmlab.generation.generate import length_batches
 
 
+def _batches(lengths: Sequence[int], batch_size: int, desc: str) -> list[list[int]]:
+    """Length-sorted batches, behind a progress bar (stderr) when `desc` names the work: scoring a dev set
+    of a thousand sentences takes minutes on a CPU."""
+    batches = length_batches(lengths, batch_size)
+    return tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True) if desc else batches
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, seqs: Sequence[list[int]], pad_id: int, batch_size: int,
-                   precision) -> Tensor:
+                   precision, desc: str = "") -> Tensor:
     """Class logits (N, C) of a SequenceClassifier, in input order (eval mode, autocast)."""
     was_training = model.training
     model.eval()
     out: list[Tensor | None] = [None] * len(seqs)
-    for idx in length_batches([len(s) for s in seqs], batch_size):
+    for idx in _batches([len(s) for s in seqs], batch_size, desc):
         ids, mask = right_pad([seqs[i] for i in idx], pad_id)
         with precision.autocast():
             logits = model(ids.to(precision.device), mask.to(precision.device)).float().cpu()
@@ -35,7 +43,7 @@ def predict_logits(model: nn.Module, seqs: Sequence[list[int]], pad_id: int, bat
 
 @torch.no_grad()
 def zero_shot_scores(model: nn.Module, prompts: Sequence[list[int]], verbalizers: Sequence[list[int]],
-                     pad_id: int, batch_size: int, precision, reduce: str = "sum") -> Tensor:
+                     pad_id: int, batch_size: int, precision, reduce: str = "sum", desc: str = "") -> Tensor:
     """log P(verbalizer | prompt) for each prompt and label: (N, C), summed (or averaged, `mean`) over
     the verbalizer's tokens. Single-token verbalizers need one forward per prompt (the last position's
     distribution); longer ones score each prompt + verbalizer sequence."""
@@ -47,7 +55,7 @@ def zero_shot_scores(model: nn.Module, prompts: Sequence[list[int]], verbalizers
     out = torch.zeros(len(prompts), len(verbalizers))
     single = all(len(v) == 1 for v in verbalizers)
     per_batch = batch_size if single else max(1, batch_size // len(verbalizers))
-    for idx in length_batches([len(p) for p in prompts], per_batch):
+    for idx in _batches([len(p) for p in prompts], per_batch, desc):
         if single:
             seqs = [prompts[i] for i in idx]
             logp = token_logprobs(model, seqs, [[len(s) - 1] for s in seqs], pad_id, precision)

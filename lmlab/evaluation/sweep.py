@@ -36,42 +36,42 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.evaluation import plots
 from lmlab.fileio import atomic_write_text
-from lmlab.schema.load import load_config, parse_scalar, save_config
-from lmlab.tasks.pretrain import run_recipe
+from lmlab.schema.load import Section, load_config, parse_scalar, save_config
+from lmlab.schema.pretrain import PretrainConfig
 
 SUMMARY = "summary.json"
 
 
-@dataclass
-class SweepConfig:
+class SweepConfig(Section):
     """A sweep: base recipe, points, seeds and where the runs go."""
 
     recipe: str = ""
     """Base recipe YAML (a path relative to the sweep file, or absolute)."""
     out_dir: str = ""
     """Sweep folder holding one folder per run; empty = runs/sweeps/<sweep file name>."""
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list)
     """`a.b=c` overrides applied to every run, before the point's own."""
-    points: dict[str, list[str]] = field(default_factory=dict)
+    points: dict[str, list[str]] = Field(default_factory=dict)
     """Named points, each a list of `a.b=c` overrides (empty list = the recipe as is)."""
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
     """Dotted key -> values; every combination is a point, crossed with the named points."""
-    seeds: list[int] = field(default_factory=list)
+    seeds: list[int] = Field(default_factory=list)
     """Run every point once per seed (set through `seed_key`); empty = the recipe's seed."""
     seed_key: str = "train.seed"
     """The recipe key a seed is written to."""
-    devices: list[str] = field(default_factory=list)
+    devices: list[str] = Field(default_factory=list)
     """Devices given to the runs round-robin (as `precision.device`); empty = the recipe's."""
-    jobs: int = 1
+    jobs: int = Field(1, ge=1)
     """Runs at the same time (separate processes)."""
-    metrics: list[str] = field(default_factory=lambda: ["val_loss", "val_ppl", "train_loss", "wall_time_s",
+    metrics: list[str] = Field(default_factory=lambda: ["val_loss", "val_ppl", "train_loss", "wall_time_s",
                                                          "tokens_seen", "n_params"])
     """summary.json keys shown in the Markdown tables (the CSV keeps every scalar)."""
-    after: list[str] = field(default_factory=list)
+    after: list[str] = Field(default_factory=list)
     """lmlab commands run once all runs are done; `{sweep_dir}` is replaced by the sweep folder."""
 
 
@@ -101,16 +101,19 @@ Runner = Callable[[Path, RunSpec], None]  # (recipe, spec) -> None; raises on fa
 def is_sweep_file(path: str | Path) -> bool:
     """A sweep file names its base `recipe`; a recipe never has that key."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, not YAML: the recipe loader says so
         return False
     return isinstance(data, dict) and "recipe" in data
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[SweepConfig, Path]:
-    """The sweep config (strict, like a recipe) and the resolved base recipe path."""
+    """The sweep config (strict, like a recipe) and the resolved base recipe path. An override of a sweep
+    key (`jobs=2`) changes the sweep; any other (`train.max_steps=100`) is a recipe override for every run."""
     path = Path(path)
-    cfg = load_config(path, list(overrides), schema=SweepConfig)
+    own = [o for o in overrides if o.partition("=")[0].split(".")[0].strip() in SweepConfig.model_fields]
+    cfg = load_config(path, own, schema=SweepConfig)
+    cfg.overrides = [*cfg.overrides, *(o for o in overrides if o not in own)]
     if not cfg.recipe:
         raise ConfigError(f"{path}: `recipe` is empty; expected the base recipe YAML")
     recipe = Path(cfg.recipe)
@@ -167,7 +170,7 @@ def plan(cfg: SweepConfig, recipe: Path, source: str = "sweep") -> list[RunSpec]
         raise ConfigError(f"{source}: two points share a run name: {sorted(n for n in names if names.count(n) > 1)}")
     _assign_devices(specs, cfg)
     for spec in specs:  # a typo in a grid key fails here, not after an hour of other runs
-        load_config(recipe, _run_overrides(spec))
+        load_config(recipe, run_overrides(spec), schema=PretrainConfig)
     return specs
 
 
@@ -180,7 +183,7 @@ def _assign_devices(specs: list[RunSpec], cfg: SweepConfig) -> None:
             spec.overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // cfg.jobs)}")
 
 
-def _run_overrides(spec: RunSpec) -> list[str]:
+def run_overrides(spec: RunSpec) -> list[str]:
     """The overrides a run is launched with: the point's, then its folder and device (these win)."""
     ovs = [*spec.overrides, f"out_dir={spec.run_dir}"]
     if spec.device:
@@ -200,7 +203,7 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
     """`python -m lmlab run RECIPE overrides...`, output to <sweep>/logs/<name>.log."""
     log = spec.run_dir.parent / "logs" / f"{spec.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "lmlab", "run", str(recipe), *_run_overrides(spec)]
+    cmd = [sys.executable, "-m", "lmlab", "run", str(recipe), *run_overrides(spec)]
     with open(log, "w") as out:
         out.write("$ " + shlex.join(cmd) + "\n")
         out.flush()
@@ -208,12 +211,6 @@ def subprocess_runner(recipe: Path, spec: RunSpec) -> None:
     if code != 0:
         tail = log.read_text().strip().splitlines()[-1:] or [""]
         raise RunFailed(f"run {spec.name} exited with status {code} (see {log}): {tail[0]}")
-
-
-def inprocess_runner(recipe: Path, spec: RunSpec) -> None:
-    """`lmlab.tasks.pretrain.run_recipe` in this process: no start-up cost, for tiny sweeps and tests."""
-
-    run_recipe(recipe, _run_overrides(spec))
 
 
 @dataclass
@@ -256,12 +253,12 @@ def run_sweep(
             return
         with lock:
             result.ran.append(spec.name)
-            write_tables(specs, sweep_dir, cfg.metrics)  # the table grows as runs finish
+            write_tables(specs, sweep_dir, cfg.metrics, result.failed)  # the table grows as runs finish
         log(f"done {spec.name}")
 
     with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
         list(pool.map(one, pending))
-    result.tables = write_tables(specs, sweep_dir, cfg.metrics)
+    result.tables = write_tables(specs, sweep_dir, cfg.metrics, result.failed)
     result.plots = write_plots(specs, sweep_dir)
     if not result.failed:
         _run_after(cfg, sweep_dir, log)
@@ -281,17 +278,22 @@ def _run_after(cfg: SweepConfig, sweep_dir: Path, log: Callable[[str], None]) ->
 # results
 
 
-def collect(specs: list[RunSpec]) -> list[dict[str, Any]]:
-    """One row per run: name, point, seed, status, overrides, then every scalar of its summary.json."""
+def collect(specs: list[RunSpec], failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per run: name, point, seed, status, overrides, then every scalar of its summary.json.
+    status: done (summary.json), failed (with the error), started (a folder without a summary: running,
+    or stopped without finishing) or pending (not started)."""
     rows = []
+    failed = failed or {}
     for spec in specs:
         row: dict[str, Any] = {"run": spec.name, "point": spec.point, "seed": spec.seed}
         if spec.finished:
             summary = json.loads((spec.run_dir / SUMMARY).read_text())
             row["status"] = "done"
             row.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None})
+        elif spec.name in failed:
+            row["status"], row["error"] = "failed", failed[spec.name]
         else:
-            row["status"] = "pending"
+            row["status"] = "started" if spec.run_dir.is_dir() else "pending"
         row["overrides"] = " ".join(spec.overrides)
         rows.append(row)
     return rows
@@ -311,13 +313,15 @@ def aggregate(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, 
     return out
 
 
-def write_tables(specs: list[RunSpec], sweep_dir: Path, metrics: list[str]) -> list[Path]:
+def write_tables(specs: list[RunSpec], sweep_dir: Path, metrics: list[str],
+                 failed: dict[str, str] | None = None) -> list[Path]:
     """results.csv (every run, every scalar), results.md; with seeds also points.csv (mean/std)."""
-    rows = collect(specs)
+    rows = collect(specs, failed)
     paths = [sweep_dir / "results.csv", sweep_dir / "results.md"]
     atomic_write_text(paths[0], to_csv(rows))
     shown = [m for m in metrics if any(m in r for r in rows)]
-    md = ["# Sweep results", "", markdown_table(rows, ["run", "status", *shown])]
+    errors = ["error"] if any("error" in r for r in rows) else []
+    md = ["# Sweep results", "", markdown_table(rows, ["run", "status", *shown, *errors])]
     if any(s.seed is not None for s in specs):
         points = aggregate(rows, shown)
         paths.append(sweep_dir / "points.csv")
@@ -369,7 +373,6 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_plots(specs: list[RunSpec], sweep_dir: Path) -> list[Path]:
     """Per-run loss/perplexity curves and overlays by step and by tokens, under <sweep>/plots/."""
-
     runs = {s.name: plots.read_metrics(s.run_dir) for s in specs if (s.run_dir / "metrics.jsonl").is_file()}
     runs = {k: v for k, v in runs.items() if v}
     out = sweep_dir / "plots"

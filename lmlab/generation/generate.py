@@ -8,15 +8,17 @@ Past the trained context, models with attention sinks keep decoding through the 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from lmlab.errors import ConfigError
 from lmlab.generation.sampling import SamplingConfig, sample_next
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.transformer import Transformer
-from lmlab.tokenization import StreamDecoder
+from lmlab.tokenization import StreamDecoder, decode_continuation
 
 
 @dataclass
@@ -33,6 +35,17 @@ class GenerationConfig:
     """Strings that end a sequence; the output is cut before them."""
     seed: int | None = None
     """Seed of the sampling generator: the same seed reproduces the same samples."""
+    truncate_prompt: bool = False
+    """A prompt too long for the model's context keeps its last tokens (with a warning); else it is an error."""
+    past_context: bool = False
+    """Decode past the trained context (the long-context experiment). Otherwise generation stops where the
+    context is full, with a warning; models with attention sinks (a streaming cache) always go on."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: expected at least 1")
+        if any(not s for s in self.stop_strings):  # "" is found at offset 0: every output would be empty
+            raise ConfigError(f"stop_strings={list(self.stop_strings)}: an empty stop string ends every output at once")
 
 
 TokenCallback = Callable[[int, int], None]  # (row, token id)
@@ -60,6 +73,8 @@ def generate_ids(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
+    prompts, max_new = fit_context(model, prompts, cfg)
+    cfg = replace(cfg, max_new_tokens=max_new)
     model.eval()
     device = model.tok_embeddings.weight.device
     tokens, mask = left_pad(prompts, pad_id)
@@ -101,6 +116,31 @@ def generate_ids(
             seen.scatter_(1, next_ids[:, None], True)
         logits = model(next_ids[:, None], cache=cache, last_only=True)
     return outputs
+
+
+def fit_context(model: Transformer, prompts: Sequence[Sequence[int]],
+                cfg: GenerationConfig) -> tuple[list[list[int]], int]:
+    """(prompts, max_new_tokens) that stay inside the model's trained context: past it a model without
+    attention sinks decodes garbage (RoPE) or has no position at all (learned positions)."""
+    prompts = [list(p) for p in prompts]
+    context = model.config.max_seq_len
+    if model.config.sink_tokens or cfg.past_context:
+        return prompts, cfg.max_new_tokens
+    keep = max(1, context - cfg.max_new_tokens) if cfg.truncate_prompt else context - 1
+    long = [len(p) for p in prompts if len(p) > keep]
+    if long and not cfg.truncate_prompt:
+        raise ConfigError(f"a prompt of {max(long)} tokens leaves no room in the model's context of {context} "
+                          "tokens; shorten it, or keep its last tokens with truncate_prompt (lmlab generate "
+                          "--truncate-prompt)")
+    if long:
+        prompts = [p[-keep:] for p in prompts]
+        print(f"warning: {len(long)} prompt(s) of up to {max(long)} tokens truncated to their last {keep} tokens "
+              f"to fit the model's context of {context}", file=sys.stderr)
+    longest = max(len(p) for p in prompts)
+    if longest + cfg.max_new_tokens > context:
+        print(f"warning: generating at most {context - longest} new tokens, not {cfg.max_new_tokens}: a prompt of "
+              f"{longest} tokens fills the rest of the model's context of {context}", file=sys.stderr)
+    return prompts, min(cfg.max_new_tokens, context - longest)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +195,12 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False, system: str | N
     return ids
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation ([{"role", "content"}, ...]) -> ids: the chat template with the assistant's turn
+    opened, then encode_prompt's BOS rule (multi-turn chat: the server, `lmlab generate --chat`)."""
+    return encode_prompt(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     """Text before the earliest stop string, and whether one was found."""
     cuts = [i for s in stop_strings if (i := text.find(s)) >= 0]
@@ -171,6 +217,7 @@ def generate(
     system: str | None = None,
     stream: TextCallback | None = None,
     batch_size: int | None = None,
+    decoder: Callable[..., list[list[int]]] | None = None,
 ) -> list[str]:
     """Generated text for each prompt (stop strings and stop tokens excluded).
 
@@ -178,13 +225,14 @@ def generate(
     length and run in batches of that many, so an evaluation over hundreds of prompts neither pads them
     all to the longest nor holds one huge cache; outputs come back in the prompts' order. Greedy outputs
     do not depend on it; sampled ones do (each batch draws from the same seed).
+    decoder: replaces `generate_ids` (same signature), e.g. lmlab.generation.speculative.SpeculativeDecoder.
     """
 
     ids = [encode_prompt(tokenizer, p, chat=chat, system=system) for p in prompts]
     batches = length_batches([len(x) for x in ids], batch_size)
     stop_ids = tuple(set(cfg.stop_ids) | set(tokenizer.stop_ids))
-    cfg = GenerationConfig(cfg.max_new_tokens, cfg.sampling, stop_ids, tuple(cfg.stop_strings), cfg.seed)
-    decoders = [StreamDecoder(tokenizer) for _ in prompts]
+    cfg = replace(cfg, stop_ids=stop_ids, stop_strings=tuple(cfg.stop_strings))
+    decoders = [StreamDecoder(tokenizer, context=x[-1:]) for x in ids]  # after the prompt: its leading space kept
     texts = ["" for _ in prompts]
 
     def on_token(row: int, token: int) -> None:
@@ -199,11 +247,12 @@ def generate(
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     outputs: list[list[int]] = [[] for _ in ids]
     for rows in batches:  # batch row j is prompt rows[j]
-        new = generate_ids(
+        new = (decoder or generate_ids)(
             model, [ids[i] for i in rows], cfg, pad_id=pad,
             on_token=lambda j, token, rows=rows: on_token(rows[j], token),
             should_stop=(lambda j, new_ids, rows=rows: should_stop(rows[j], new_ids)) if cfg.stop_strings else None,
         )
         for i, out in zip(rows, new):
             outputs[i] = out
-    return [cut_at_stop(tokenizer.decode(out), cfg.stop_strings)[0] for out in outputs]
+    texts = [decode_continuation(tokenizer, x[-1:], out) for x, out in zip(ids, outputs)]
+    return [cut_at_stop(text, cfg.stop_strings)[0] for text in texts]

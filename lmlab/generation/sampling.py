@@ -11,46 +11,9 @@ penalty (Keskar et al. 2019, CTRL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from lmlab.errors import ConfigError
-
-
-@dataclass
-class SamplingConfig:
-    """How the next token is chosen."""
-
-    temperature: float = 1.0
-    """0 = greedy (argmax); < 1 sharper, > 1 flatter."""
-    top_k: int | None = None
-    """Keep only the k most likely tokens."""
-    top_p: float | None = None
-    """Keep the smallest set of tokens whose probability mass reaches p (nucleus)."""
-    min_p: float | None = None
-    """Drop tokens whose probability is below min_p times the top token's probability."""
-    epsilon: float | None = None
-    """Drop tokens whose probability is below epsilon (the top token always survives)."""
-    repetition_penalty: float = 1.0
-    """> 1 discourages tokens already in the sequence (CTRL: logits / p if > 0 else * p)."""
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("temperature", self.temperature is not None and self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k is None or self.top_k >= 1, ">= 1"),
-            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", self.min_p is None or 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("epsilon", self.epsilon is None or 0 <= self.epsilon < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"sampling.{name}={getattr(self, name)!r}: expected {expected}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from lmlab.schema.sections import SamplingConfig
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

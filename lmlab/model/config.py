@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,31 @@ _CHOICES = {
     "gelu_approximate": ("none", "tanh"),
     "rope_scaling": (None, "linear", "ntk"),
 }
+
+
+# numeric fields: (lowest allowed, highest allowed, whether the bounds are included, as written in errors)
+RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "vocab_size": (1, math.inf, True, False, ">= 1"), "dim": (1, math.inf, True, False, ">= 1"),
+    "n_layers": (1, math.inf, True, False, ">= 1"), "n_heads": (1, math.inf, True, False, ">= 1"),
+    "n_kv_heads": (1, math.inf, True, False, ">= 1"), "head_dim": (1, math.inf, True, False, ">= 1"),
+    "hidden_dim": (1, math.inf, True, False, ">= 1"), "multiple_of": (1, math.inf, True, False, ">= 1"),
+    "ffn_mult": (0, math.inf, False, False, "> 0"), "max_seq_len": (1, math.inf, True, False, ">= 1"),
+    "norm_eps": (0, 1, False, False, "in (0, 1)"), "rope_theta": (0, math.inf, False, False, "> 0"),
+    "rope_scaling_factor": (1, math.inf, True, False, ">= 1"), "dropout": (0, 1, True, False, "in [0, 1)"),
+    "n_experts": (0, math.inf, True, False, ">= 0"), "n_experts_per_tok": (1, math.inf, True, False, ">= 1"),
+    "moe_aux_loss_coef": (0, math.inf, True, False, ">= 0"), "sink_tokens": (0, math.inf, True, False, ">= 0"),
+    "window": (1, math.inf, True, False, ">= 1"),
+}
+
+
+def check_range(key: str, value: object) -> None:
+    """A ConfigError naming `model.key` when a numeric field is outside its range (None = derived)."""
+    if key not in RANGES or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi, lo_in, hi_in, text = RANGES[key]
+    ok = math.isfinite(value) and (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+    if not ok:
+        raise ConfigError(f"model.{key}={value!r}: expected {text}")
 
 
 @dataclass
@@ -107,6 +133,8 @@ class ModelConfig:
     """Multiply the token embeddings by sqrt(dim) (Gemma; in the embedding's dtype, as the reference)."""
 
     def __post_init__(self) -> None:
+        for key in RANGES:
+            check_range(key, getattr(self, key))
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected one of {allowed}")
@@ -172,7 +200,6 @@ class ModelConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
@@ -201,6 +228,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "llama2c-stories15m": dict(_LLAMA2C, vocab_size=32000, dim=288, n_layers=6, n_heads=6, max_seq_len=256),
     "llama2c-stories42m": dict(_LLAMA2C, vocab_size=32000, dim=512, n_layers=8, n_heads=8, max_seq_len=1024),
+    # seed 002 (the minllama assignment): stories42M's shape with LayerNorm (gain only, no bias) in place of RMSNorm
+    "minillama-stories42m": dict(_LLAMA2C, norm="layernorm", norm_bias=False, vocab_size=32000, dim=512, n_layers=8,
+                                 n_heads=8, max_seq_len=1024),
     "llama2c-stories110m": dict(_LLAMA2C, vocab_size=32000, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
     "smollm2-135m": dict(
         _LLAMA2C, vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,

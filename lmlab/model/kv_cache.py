@@ -9,6 +9,14 @@ is what lets generation run past the trained context.
 
 Left-padded batches: `key_mask` marks real tokens; `next_pos` counts each row's real tokens so position
 ids start at 0 at each row's first real token.
+
+Rows as slots (continuous batching, lmlab/serve/engine.py; speculative decoding, lmlab/generation/
+speculative.py): a forward over B rows uses the cache's first B rows, so a server keeps its live sequences in
+rows 0..B-1 and the rest free. `attach` copies a separately prefilled sequence into a row, right-aligned to the
+shared fill `length` like every other row; `move_row` fills the gap a finished sequence leaves; `discard`
+turns rejected draft tokens into masked holes. `k`, `v`, `key_mask`, `slot_pos` are views into one storage:
+dropping the empty leading slots (`drop_front`) only moves the views, and the live slots are copied back to
+the start of the storage only when the view runs out of room (`make_room`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class KVCache:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0  # filled slots
         self.has_padding = False
+        self._storage = (self.k, self.v, self.key_mask, self.slot_pos)  # the views start at _offset
+        self._offset = 0
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +64,7 @@ class KVCache:
         Returns the first slot and the new tokens' position ids (B, T). In streaming mode the oldest
         non-sink slots are evicted first when the new tokens would not fit.
         """
-        T = mask.shape[1]
+        B, T = mask.shape  # B may be fewer rows than the cache holds: the first B
         if self.length + T > self.capacity:
             if not self.streaming or T > self.capacity - self.sinks:
                 raise ValueError(
@@ -62,20 +72,20 @@ class KVCache:
                 )
             self._evict(self.length + T - self.capacity)
         start = self.length
-        positions = (self.next_pos[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)
-        self.key_mask[:, start : start + T] = mask
-        self.slot_pos[:, start : start + T] = positions
-        self.next_pos += mask.long().sum(1)
+        positions = (self.next_pos[:B, None] + mask.long().cumsum(1) - 1).clamp_min(0)
+        self.key_mask[:B, start : start + T] = mask
+        self.slot_pos[:B, start : start + T] = positions
+        self.next_pos[:B] += mask.long().sum(1)
         self.has_padding = self.has_padding or not bool(mask.all())
         self.length = start + T
         return start, positions
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at `start` and return this layer's filled keys/values."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Write k, v (B, Hkv, T, D) at `start` into the first B rows; return their filled keys/values."""
+        B, end = k.shape[0], start + k.shape[2]
+        self.k[layer, :B, :, start:end] = k
+        self.v[layer, :B, :, start:end] = v
+        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
 
     def _evict(self, n_drop: int) -> None:
         """Drop the n_drop oldest slots after the sinks, shifting the rest down."""
@@ -95,3 +105,98 @@ class KVCache:
         self.key_mask = self.key_mask[index]
         self.slot_pos = self.slot_pos[index]
         self.next_pos = self.next_pos[index]
+        self._storage, self._offset = (self.k, self.v, self.key_mask, self.slot_pos), 0
+
+    # ---- rows as slots: sequences join and leave between steps (see the module docstring)
+
+    def _plain(self, what: str) -> None:
+        if self.streaming:
+            raise ValueError(f"KVCache.{what}: rows as slots need a plain cache, not attention sinks")
+
+    def _view(self, offset: int, length: int) -> None:
+        k, v, key_mask, slot_pos = self._storage
+        self.k, self.v = k[:, :, :, offset:], v[:, :, :, offset:]
+        self.key_mask, self.slot_pos = key_mask[:, offset:], slot_pos[:, offset:]
+        self._offset, self.length, self.capacity = offset, length, k.shape[3] - offset
+
+    def drop_front(self, rows: int) -> None:
+        """Drop the leading slots that none of the first `rows` rows uses (no copy: the views move)."""
+        used = self.key_mask[:rows, : self.length].any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else self.length
+        if first:
+            self._view(self._offset + first, self.length - first)
+
+    def make_room(self, n: int, rows: int, front: int = 0) -> None:
+        """Make `n` more slots fit after `length`, and `front` empty slots before slot 0, in the first `rows`
+        rows (after `drop_front`: the caller drops first when `front` depends on `length`). Moving the views
+        costs nothing; only when they lack the room are the live slots repacked (`compact`) at the start of
+        the storage."""
+        self._plain("make_room")
+        self.drop_front(rows)
+        if front <= self._offset and self.length + n <= self.capacity:
+            if front:
+                self._view(self._offset - front, self.length + front)
+                self.key_mask[:rows, :front] = False
+            return
+        self.compact(rows, front)
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {n} slots > capacity {self.capacity}")
+
+    def attach(self, row: int, other: KVCache, other_row: int, rows: int) -> None:
+        """Copy sequence `other_row` of `other` (e.g. a prefill batch) into `row`, right-aligned so its next
+        token takes slot `length` as every row's does; `rows` = rows in use besides it (kept aligned)."""
+        self._plain("attach")
+        n = other.length
+        self.drop_front(rows)
+        if n > self.length:
+            self.make_room(0, rows, front=n - self.length)
+        a = self.length - n
+        self.key_mask[row, :a] = False
+        self.k[:, row, :, a : self.length] = other.k[:, other_row, :, :n]
+        self.v[:, row, :, a : self.length] = other.v[:, other_row, :, :n]
+        self.key_mask[row, a : self.length] = other.key_mask[other_row, :n]
+        self.slot_pos[row, a : self.length] = other.slot_pos[other_row, :n]
+        self.next_pos[row] = other.next_pos[other_row]
+        self.has_padding = self.has_padding or a > 0 or other.has_padding
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` into row `dst` (a finished sequence's row is taken by the last live one)."""
+        L = self.length
+        self.k[:, dst, :, :L] = self.k[:, src, :, :L]
+        self.v[:, dst, :, :L] = self.v[:, src, :, :L]
+        self.key_mask[dst, :L] = self.key_mask[src, :L]
+        self.slot_pos[dst, :L] = self.slot_pos[src, :L]
+        self.next_pos[dst] = self.next_pos[src]
+
+    def discard(self, keep: torch.Tensor, T: int) -> None:
+        """Of the last T slots, row r keeps its first keep[r] (B = len(keep) rows): the rest (rejected draft
+        tokens) become masked holes, and trailing slots no row keeps are freed."""
+        self._plain("discard")
+        B, L = keep.shape[0], self.length
+        drop = torch.arange(T, device=keep.device)[None] >= keep[:, None]  # (B, T)
+        recent = self.key_mask[:B, L - T : L]
+        self.next_pos[:B] -= (recent & drop).sum(1)
+        recent &= ~drop
+        used = recent.any(0)
+        self.length = L - T + (int(used.nonzero().max()) + 1 if bool(used.any()) else 0)
+        self.has_padding = self.has_padding or not bool(self.key_mask[:B, : self.length].all())
+
+    def compact(self, rows: int, front: int = 0) -> None:
+        """Squeeze out padding and holes: each of the first `rows` rows' real slots right-aligned, in order,
+        after `front` empty slots at the start of the storage; `length` becomes front + the longest row's
+        count. One copy of the live slots."""
+        self._plain("compact")
+        L = self.length
+        mask = self.key_mask[:rows, :L]
+        n = int(mask.sum(1).max()) if rows else 0
+        if front + n > self._storage[0].shape[3]:
+            raise ValueError(f"KV cache full: {front} + {n} slots > capacity {self._storage[0].shape[3]}")
+        order = torch.sort(mask.int(), dim=1, stable=True).indices[:, L - n :]  # (rows, n): real slots last
+        idx = order[None, :, None, :, None].expand(self.k.shape[0], rows, self.k.shape[2], n, self.k.shape[4])
+        k, v = self.k[:, :rows, :, :L].gather(3, idx), self.v[:, :rows, :, :L].gather(3, idx)
+        key_mask, slot_pos = mask.gather(1, order), self.slot_pos[:rows, :L].gather(1, order)
+        self._view(0, front + n)
+        live = slice(front, front + n)
+        self.k[:, :rows, :, live], self.v[:, :rows, :, live] = k, v
+        self.key_mask[:rows, :front] = False
+        self.key_mask[:rows, live], self.slot_pos[:rows, live] = key_mask, slot_pos

@@ -256,7 +256,7 @@ class Transformer(nn.Module):
 
     def _cached_mask(self, cache: KVCache, start: int, positions: torch.Tensor, T: int, device: torch.device,
                      local: bool) -> AttnContext:
-        S = start + T
+        B, S = positions.shape[0], start + T
         if cache.streaming:  # StreamingLLM: RoPE positions are cache slots
             slots = torch.arange(S, device=device)[None]
             cos, sin = self._angles(slots[:, start:])
@@ -277,9 +277,9 @@ class Transformer(nn.Module):
         if cache.streaming:  # distances are measured in slots, as RoPE sees them
             q_pos, k_pos = q_slot[None, :, None], k_slot[None, None, :]
         else:
-            q_pos, k_pos = positions[:, :, None], cache.slot_pos[:, None, :S]
+            q_pos, k_pos = positions[:, :, None], cache.slot_pos[:B, None, :S]
         attn = self._allowed(q_slot[:, None], k_slot[None, :], q_pos, k_pos, window)
-        attn = attn & cache.key_mask[:, None, :S]
+        attn = attn & cache.key_mask[:B, None, :S]  # the cache's first B rows (it may hold more)
         attn[:, torch.arange(T, device=device), q_slot] = True  # padded rows: no all-False row
         ctx.mask = attn[:, None]
         return ctx

@@ -11,9 +11,7 @@ With several seeds each gets seed_N/ and the folder gets summary.json and result
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from torch import nn
 
 from lmlab.adapters.files import load_adapter, save_lora
-from lmlab.adapters.lora import LoRAConfig, apply_lora
+from lmlab.adapters.lora import apply_lora
 from lmlab.data.batch import pad_id_of
 from lmlab.data.classification import (
     SST2_NAMES,
@@ -42,16 +40,11 @@ from lmlab.evaluation.plots import plot_confusion_matrix
 from lmlab.evaluation.scoring import predict_logits, zero_shot_scores
 from lmlab.fileio import atomic_write, atomic_write_text
 from lmlab.model.heads import SequenceClassifier
-from lmlab.precision import Precision, peak_memory_mb, resolve_device
+from lmlab.precision import peak_memory_mb
 from lmlab.schema.classify import ClassifyConfig
-from lmlab.schema.load import load_config, save_config
-from lmlab.train.distributed import seed_everything
-from lmlab.train.logger import MetricsLogger
-from lmlab.train.loop import FitConfig, fit
 from lmlab.train.losses import classification_loss
-from lmlab.train.optim import make_adamw, param_groups
-from lmlab.train.schedule import Schedule
-from lmlab.train.state import Progress
+from lmlab.train.optim import param_groups
+from lmlab.train.session import SUMMARY, Session
 from lmlab.weights.checkpoint import save_checkpoint
 from lmlab.weights.loading import load_model
 
@@ -105,136 +98,115 @@ def input_format(cfg: ClassifyConfig, tokenizer, names: list[str]) -> PromptForm
 
 # ---------------------------------------------------------------------------------------------------- one run
 
-def run_one(cfg: ClassifyConfig, out: Path) -> dict[str, Any]:
-    """One seed: train (unless zero-shot), predict dev/test, write the run folder; returns metrics."""
-
-    t0 = time.perf_counter()
-    precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    splits = read_splits(cfg)
-    loaded = load_model(cfg.model.spec, device=precision.device, dtype=torch.float32,
-                        tokenizer=cfg.model.tokenizer or None)
-    tokenizer = loaded.tokenizer
-    if tokenizer is None:
-        raise ConfigError(f"model.spec={cfg.model.spec!r} carries no tokenizer: set model.tokenizer")
-    fmt = input_format(cfg, tokenizer, splits.label_names)
-    encoded, truncated = {}, {}
-    for name, data in splits.data.items():
-        encoded[name], truncated[name] = encode_all(tokenizer, fmt, data.texts)
-    save_config(cfg, out / "config.yaml")
-    result: dict[str, Any] = {"method": cfg.classify.method, "model": loaded.source, "seed": cfg.train.seed,
-                              "truncated": truncated, "max_len": cfg.data.max_len, "data": splits.report()}
-    if cfg.classify.method == "zeroshot":
-        model, predict = loaded.model, _zero_shot_predictor(cfg, loaded.model, tokenizer, precision)
-    else:
-        model = build_classifier(cfg, loaded.model, len(splits.label_names)).to(precision.device)
-        predict = _head_predictor(cfg, model, tokenizer, precision)
-        result["train"] = train_classifier(cfg, model, encoded, splits, tokenizer, precision, predict, out)
-    t_pred = time.perf_counter()
-    for name in SPLITS:
-        if name in splits.data:
-            known = result.get("train", {}).pop("best_dev_predictions", None) if name == "dev" else None
-            result[name] = _evaluate_split(cfg, name, splits, known or predict(encoded[name]), out)
-    result["predict_time_s"] = time.perf_counter() - t_pred
-    if cfg.classify.save_model and cfg.classify.method != "zeroshot":
-        save_classifier(cfg, model, tokenizer, splits.label_names, out)
-    result["wall_time_s"] = time.perf_counter() - t0
-    result["peak_mem_mb"] = peak_memory_mb(precision.device)
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
-    _print_line(out, result)
-    return result
+def run_one(cfg: ClassifyConfig) -> dict[str, Any]:
+    """One seed in cfg.out_dir: train (unless zero-shot), predict dev/test, write the run folder; returns
+    the result (also in summary.json; per-split metrics in metrics.json)."""
+    with Session(cfg) as session:
+        splits = read_splits(cfg)
+        loaded = load_model(cfg.model.spec, device=session.device, dtype=torch.float32,
+                            tokenizer=cfg.model.tokenizer or None, overrides=cfg.model.overrides)
+        tokenizer = loaded.require_tokenizer("set model.tokenizer=PATH")
+        fmt = input_format(cfg, tokenizer, splits.label_names)
+        encoded, truncated = {}, {}
+        for name, data in splits.data.items():
+            encoded[name], truncated[name] = encode_all(tokenizer, fmt, data.texts)
+        result: dict[str, Any] = {"method": cfg.classify.method, "model": loaded.source, "seed": cfg.train.seed,
+                                  "truncated": truncated, "max_len": cfg.data.max_len, "data": splits.report()}
+        known: dict[str, list[int]] = {}
+        if cfg.classify.method == "zeroshot":
+            model, predict = loaded.model, _zero_shot_predictor(cfg, loaded.model, tokenizer, session.precision)
+        else:
+            model = build_classifier(cfg, loaded.model, len(splits.label_names)).to(session.device)
+            predict = _head_predictor(cfg, model, tokenizer, session.precision)
+            trained = train_classifier(session, cfg, model, encoded, splits, tokenizer, predict)
+            if trained is None:  # an earlier run finished this one
+                return json.loads((session.out / SUMMARY).read_text())
+            result["train"], known = trained
+        t_pred = time.perf_counter()
+        for name in SPLITS:
+            if name in splits.data:
+                preds = known.get(name) or predict(encoded[name], _desc(cfg, name, len(encoded[name])))
+                result[name] = _evaluate_split(cfg, name, splits, preds, session.out)
+        result["predict_time_s"] = time.perf_counter() - t_pred
+        if cfg.classify.save_model and cfg.classify.method != "zeroshot":
+            save_classifier(cfg, model, tokenizer, splits.label_names, session.out)
+        result["peak_mem_mb"] = peak_memory_mb(session.device)
+        atomic_write_text(session.out / "metrics.json",
+                          json.dumps({k: result[k] for k in SPLITS if k in result}, indent=2) + "\n")
+        result["wall_time_s"] = time.perf_counter() - session.t0
+        return session.finish(result, line=_line(session.out, result))
 
 
 def build_classifier(cfg: ClassifyConfig, backbone: nn.Module, n_labels: int) -> SequenceClassifier:
     """Backbone + head; for LoRA, adapters on the target layers with the head trainable beside them."""
     model = SequenceClassifier(backbone, n_labels, cfg.classify.dropout, cfg.classify.pooling)
     if cfg.classify.method == "lora":
-
-        lc = cfg.lora
-        apply_lora(model, LoRAConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, target_modules=lc.target_modules,
-                                     trainable=["head"], use_rslora=lc.use_rslora))
+        apply_lora(model, cfg.lora.model_copy(update={"trainable": [*cfg.lora.trainable, "head"]}))
     return model
 
 
-def build_optimizer(cfg: ClassifyConfig, model: SequenceClassifier) -> torch.optim.Optimizer:
-    """AdamW with the backbone's trainable weights first (the schedule's base) and the head at
+def head_groups(cfg: ClassifyConfig, model: SequenceClassifier) -> list[dict]:
+    """AdamW groups: the backbone's trainable weights first (the schedule's base) and the head at
     lr * head_lr_mult. Norms, biases and embeddings never decay (lmlab.train.optim.param_groups)."""
-
     o = cfg.optim
-    groups = param_groups(model.backbone, o.weight_decay, o.decay_embeddings) + [
+    return param_groups(model.backbone, o.weight_decay, o.decay_embeddings) + [
         {**g, "lr": o.lr * cfg.classify.head_lr_mult} for g in param_groups(model.head, o.weight_decay)]
-    return make_adamw(groups, o.impl, o.lr, tuple(o.betas), o.eps)
 
 
-def train_classifier(cfg: ClassifyConfig, model: SequenceClassifier, encoded: dict, splits: Splits, tokenizer,
-                     precision, predict, out: Path) -> dict[str, Any]:
-    """Epoch by epoch through the shared loop; after each, dev accuracy (and the best state kept)."""
-
+def train_classifier(session: Session, cfg: ClassifyConfig, model: SequenceClassifier, encoded: dict,
+                     splits: Splits, tokenizer: Any, predict: Any) -> tuple[dict[str, Any], dict[str, list[int]]] | None:
+    """The shared loop with the classification loss; dev accuracy every epoch (or train.eval_every steps)
+    picks checkpoints/best, and the run ends on that state. Returns (training summary, the dev predictions
+    of the kept state), or None when the folder already holds this finished run."""
     t = cfg.train
-    batches = EpochBatches(encoded["train"], splits.data["train"].labels, t.batch_size, t.grad_accum, t.seed,
-                           pad_id_of(tokenizer))
-    total = max(1, math.ceil(t.epochs * batches.steps_per_epoch))
-    optimizer = build_optimizer(cfg, model)
-    schedule = Schedule(cfg.optim.lr, round(t.warmup_fraction * total), total, 0.0, t.schedule)
-    logger, progress = MetricsLogger(out / "metrics.jsonl"), Progress()
-    history, best, best_state, best_preds = [], -1.0, None, None
-    dev = "dev" in splits.data and cfg.classify.select_best
-    try:
-        for epoch in range(math.ceil(total / batches.steps_per_epoch)):
-            end = min(total, (epoch + 1) * batches.steps_per_epoch)
-            fit_cfg = FitConfig(max_steps=end, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
-                                log_every=cfg.logging.log_every, progress_bar=cfg.logging.progress)
-            res = fit(model, classification_loss, batches, optimizer, schedule, fit_cfg, precision,
-                      logger=logger, progress=progress)
-            row = {"epoch": epoch + 1, "step": progress.step, "train_loss": res.train_loss}
-            if dev:
-                preds = predict(encoded["dev"])
-                labels = splits.data["dev"].labels
-                row["dev_accuracy"] = sum(p == y for p, y in zip(preds, labels)) / max(len(labels), 1)
-                logger.log({"step": progress.step, "split": "dev", "accuracy": row["dev_accuracy"], "epoch": epoch + 1})
-                if row["dev_accuracy"] > best:
-                    best, best_state, best_preds = row["dev_accuracy"], _trainable_state(model), preds
-            history.append(row)
-    finally:
-        logger.close()
-    if best_state is not None:
-        _load_trainable(model, best_state)
-    best_epoch = max(history, key=lambda r: r.get("dev_accuracy", 0.0))["epoch"] if dev else len(history)
-    return {"steps": progress.step, "epochs": history, "best_epoch": best_epoch, "train_time_s": progress.elapsed_s,
-            "examples_per_s": progress.step * t.batch_size / max(progress.elapsed_s, 1e-9),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "best_dev_predictions": best_preds}  # the kept state's dev predictions: no second pass
+    batches = EpochBatches(encoded["train"], splits.data["train"].labels, t.batch_size * t.grad_accum, t.grad_accum,
+                           t.seed, pad_id_of(tokenizer))
+    max_steps = session.max_steps(batches.steps_per_epoch)
+    if session.finished(max_steps):
+        return None
+    dev = "dev" in splits.data
+    dev_preds: dict[int, list[int]] = {}
+
+    def dev_accuracy(model_: nn.Module, step: int) -> dict[str, dict[str, float]]:
+        preds = dev_preds[step] = predict(encoded["dev"], _desc(cfg, f"dev at step {step}", len(encoded["dev"])))
+        labels = splits.data["dev"].labels
+        return {"dev": {"accuracy": sum(p == y for p, y in zip(preds, labels)) / len(labels),
+                        "epoch": step / batches.steps_per_epoch}}
+
+    result = session.fit(model, classification_loss, batches, max_steps=max_steps,
+                         steps_per_epoch=batches.steps_per_epoch, evaluate=dev_accuracy if dev else None,
+                         select="dev.accuracy", mode="max", groups=head_groups(cfg, model), trainable_only=True,
+                         flops_per_token=model.backbone.flops_per_token(cfg.data.max_len), tokenizer=tokenizer)
+    p = result.progress
+    kept = p.step
+    if dev and cfg.checkpoint.best and session.load_best(model):
+        kept = p.best_step
+    summary = session.summary(model, result, best_step=kept, epochs=p.step / batches.steps_per_epoch,
+                              examples_per_s=p.step * t.batch_size * t.grad_accum / max(p.elapsed_s, 1e-9))
+    return summary, ({"dev": dev_preds[kept]} if kept in dev_preds else {})
 
 
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def _load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for k, v in state.items():
-        params[k].copy_(v)
+def _desc(cfg: ClassifyConfig, split: str, n: int) -> str:
+    """The progress bar's label (empty = no bar, with logging.progress=false)."""
+    return f"{cfg.classify.method} {split} ({n} examples)" if cfg.logging.progress else ""
 
 
 def _head_predictor(cfg: ClassifyConfig, model: SequenceClassifier, tokenizer, precision):
     pad = pad_id_of(tokenizer)
-    return lambda seqs: predict_logits(model, seqs, pad, cfg.classify.eval_batch_size, precision).argmax(-1).tolist()
+    return lambda seqs, desc="": predict_logits(model, seqs, pad, cfg.classify.eval_batch_size, precision,
+                                                desc).argmax(-1).tolist()
 
 
 def _zero_shot_predictor(cfg: ClassifyConfig, model: nn.Module, tokenizer, precision):
     verbalizers = zero_shot_verbalizers(cfg, tokenizer)
     pad = pad_id_of(tokenizer)
-    return lambda seqs: zero_shot_scores(model, seqs, verbalizers, pad, cfg.classify.eval_batch_size, precision,
-                                         cfg.classify.score).argmax(-1).tolist()
+    return lambda seqs, desc="": zero_shot_scores(model, seqs, verbalizers, pad, cfg.classify.eval_batch_size,
+                                                  precision, cfg.classify.score, desc).argmax(-1).tolist()
 
 
 def zero_shot_verbalizers(cfg: ClassifyConfig, tokenizer) -> list[list[int]]:
     names = read_label_names(cfg.data.label_names)
     if cfg.data.sst2:
-
         names = SST2_NAMES
     words = cfg.classify.verbalizers or [n if cfg.classify.chat else " " + n for n in names]
     if len(words) != len(names):
@@ -250,7 +222,6 @@ def _evaluate_split(cfg: ClassifyConfig, name: str, splits: Splits, preds: list[
         return {"n": len(preds), "labels_hidden": True}
     metrics = classification_metrics(data.labels, preds, splits.label_names)
     try:
-
         plot_confusion_matrix(metrics["confusion"], splits.label_names, out / f"confusion_{name}.png",
                               title=f"{name}: accuracy {metrics['accuracy']:.3f}")
     except ImportError:  # matplotlib missing: the numbers are in metrics.json anyway
@@ -258,12 +229,12 @@ def _evaluate_split(cfg: ClassifyConfig, name: str, splits: Splits, preds: list[
     return metrics
 
 
-def _print_line(out: Path, r: dict[str, Any]) -> None:
+def _line(out: Path, r: dict[str, Any]) -> str:
     parts = [f"{s} acc {r[s]['accuracy']:.3f} macro-F1 {r[s]['macro_f1']:.3f}" for s in SPLITS
              if s in r and "accuracy" in r[s]]
     cut = ", ".join(f"{k} {v}" for k, v in r["truncated"].items() if v)
-    print(f"{out}: {r['method']} seed {r['seed']}: {'; '.join(parts)} (wall {r['wall_time_s']:.0f} s"
-          + (f"; truncated: {cut}" if cut else "") + ")")
+    return (f"{out}: {r['method']} seed {r['seed']}: {'; '.join(parts)} (wall {r['wall_time_s']:.0f} s"
+            + (f"; truncated: {cut}" if cut else "") + ")")
 
 
 # ---------------------------------------------------------------------------------------------------- save/load
@@ -279,10 +250,8 @@ def save_classifier(cfg: ClassifyConfig, model: SequenceClassifier, tokenizer, l
             "template": cfg.classify.template, "chat": cfg.classify.chat, "system": cfg.classify.system,
             "max_len": cfg.data.max_len, "truncation": cfg.data.truncation}
     if cfg.classify.method == "lora":
-
         save_lora(model, out / "adapter")
     else:
-
         save_checkpoint(model.backbone, out / "model", tokenizer=tokenizer)
         head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         atomic_write(out / HEAD_WEIGHTS, lambda tmp: save_file(head, str(tmp)))
@@ -303,7 +272,6 @@ def load_classifier(run_dir: str | Path, device: str = "cpu") -> tuple[SequenceC
     loaded = load_model(spec, device=device, dtype=torch.float32, tokenizer=meta["tokenizer"] or None)
     model = SequenceClassifier(loaded.model, len(meta["label_names"]), meta["dropout"], meta["pooling"])
     if meta["method"] == "lora":
-
         load_adapter(model, run_dir / "adapter")
     else:
         model.head.load_state_dict(load_file(str(run_dir / HEAD_WEIGHTS)))
@@ -318,12 +286,12 @@ def run_classify(cfg: ClassifyConfig, seeds: list[int] | None = None) -> dict[st
     """One run in out_dir, or one per seed in out_dir/seed_N plus summary.json and results.md."""
     out = Path(cfg.out_dir)
     if not seeds:
-        return run_one(cfg, out)
+        return run_one(cfg)
     runs = []
     for seed in seeds:
-        c = copy.deepcopy(cfg)
-        c.train.seed = seed
-        runs.append(run_one(c, out / f"seed_{seed}"))
+        c = cfg.model_copy(deep=True)
+        c.train.seed, c.out_dir = seed, str(out / f"seed_{seed}")
+        runs.append(run_one(c))
     summary = summarize(runs)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(summary) + "\n")
@@ -355,10 +323,3 @@ def results_markdown(summary: dict[str, Any]) -> str:
             f"{summary['peak_mem_mb']:.0f} |")
 
 
-def run_recipe(path: str | Path | None, overrides: list[str] = (), seeds: list[int] | None = None) -> dict[str, Any]:
-
-    return run_classify(load_config(path, list(overrides), schema=ClassifyConfig), seeds)
-
-
-__all__ = ["run_recipe", "run_classify", "run_one", "build_classifier", "build_optimizer", "train_classifier",
-           "save_classifier", "load_classifier", "summarize", "label_phrase", "read_splits"]

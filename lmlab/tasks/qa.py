@@ -25,7 +25,7 @@ from lmlab.adapters.files import load_adapter
 from lmlab.adapters.lora import set_active_adapter
 from lmlab.data.batch import pad_id_of
 from lmlab.data.instruct import Record, Template
-from lmlab.data.qa import LETTERS
+from lmlab.data.qa import LETTERS, is_option_letter
 from lmlab.errors import ConfigError
 from lmlab.evaluation.metrics import exact_match, token_f1
 from lmlab.evaluation.scoring import token_logprobs
@@ -44,7 +44,7 @@ def validate_mcq(text: str, record: Record) -> str | None:
     """A single option letter (a trailing '.', ')' or ':' and surrounding spaces are tolerated)."""
     m = _LETTER.match(text.strip())
     n = len(record.get("choices") or "ABCD")
-    return m.group(1) if m and m.group(1) in LETTERS[:n] else None
+    return m.group(1) if m and is_option_letter(m.group(1), n) else None
 
 
 def validate_saq(text: str, record: Record, max_words: int = 10) -> str | None:
@@ -91,9 +91,11 @@ class Answer:
 
 def answer_with_retry(model: nn.Module, tokenizer: Any, records: Sequence[Record], spec: TaskSpec,
                       template: Template, *, max_retries: int = 2, seed: int = 0,
-                      retry_temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16) -> list[Answer]:
-    """Greedy first; rows whose output fails the validator are sampled again (temperature
-    `retry_temperature`, top-p, a new seed per attempt) until valid or `max_retries` retries are spent.
+                      retry_temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16,
+                      first: SamplingConfig | None = None) -> list[Answer]:
+    """Greedy first (or `first`'s sampling); rows whose output fails the validator are sampled again
+    (temperature `retry_temperature`, top-p, a new seed per attempt) until valid or `max_retries` retries
+    are spent.
     The temperature stays put: raising it per attempt (1.4 on the second retry) turned a 135M model's
     answers into word salad that still passed the SAQ validator."""
 
@@ -103,7 +105,7 @@ def answer_with_retry(model: nn.Module, tokenizer: Any, records: Sequence[Record
     for attempt in range(max_retries + 1):
         if not todo:
             break
-        sampling = SamplingConfig(temperature=0.0) if attempt == 0 else \
+        sampling = (first or SamplingConfig(temperature=0.0)) if attempt == 0 else \
             SamplingConfig(temperature=retry_temperature, top_p=top_p)
         gen = GenerationConfig(spec.max_new_tokens, sampling, stop_strings=spec.stop_strings, seed=seed + attempt)
         outputs = generate(model, tokenizer, [prompts[i] for i in todo], gen, batch_size=batch_size)
@@ -143,7 +145,6 @@ class Router:
 
     def answer(self, records: Sequence[Record], seed: int = 0) -> list[tuple[str, Answer]]:
         """(task, answer) per request, in order; requests are grouped per adapter."""
-
         routed = [self.route(r) for r in records]
         out: list[tuple[str, Answer] | None] = [None] * len(records)
         for task in dict.fromkeys(routed):
@@ -166,7 +167,8 @@ def load_router(base: str, adapters: dict[str, str | Path], template: Template |
         load_adapter(loaded.model, folder, name=task)
     tasks = {t: TaskSpec(t if t in adapters else None, s.validator, s.max_new_tokens, s.stop_strings)
              for t, s in TASKS.items()}
-    return Router(loaded.model, loaded.tokenizer, template or Template("chat"), tasks, max_retries)
+    tokenizer = loaded.require_tokenizer("put a tokenizer file beside --base")
+    return Router(loaded.model, tokenizer, template or Template("chat"), tasks, max_retries)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,7 +234,6 @@ def cloze_predict(model: nn.Module, tokenizer: Any, records: Sequence[Record], b
 
 def _precision(model: nn.Module, precision: Any) -> Any:
     """The given Precision, or fp32 on the model's device."""
-
     return precision if precision is not None else Precision(next(model.parameters()).device)
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from torch import nn
@@ -116,10 +118,20 @@ def _mcq_scores(preds: Sequence[str], records: Sequence[Record]) -> dict[str, An
     return {"n": len(records)} | mcq_accuracy([int(p == r["output"]) for p, r in zip(preds, records)], records)
 
 
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """One progress line per evaluation stage on stderr (stdout keeps the results): each can take minutes."""
+    t0 = time.perf_counter()
+    print(f"[eval] {name} ...", file=sys.stderr, flush=True)
+    yield
+    print(f"[eval] {name}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "", max_retries: int = 2,
                     shots: int = 0) -> dict[str, Any]:
     """Score the base model (and `adapter`, if given) on a recipe's test split, as `lmlab qa eval` does.
-    Runs under the recipe's precision (device and autocast dtype), the one its adapter was trained in."""
+    Runs under the recipe's precision (device and autocast dtype), the one its adapter was trained in.
+    Each stage reports on stderr as it starts and ends."""
 
     cfg = load_config(recipe, list(overrides), schema=SFTConfig)
     train, _, test = load_splits(cfg)
@@ -128,18 +140,24 @@ def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "
         raise ConfigError(f"{recipe}: data.source={cfg.data.source!r} has no generation metric (alpaca: use perplexity)")
     precision = Precision(resolve_device(cfg.precision.device), cfg.precision.dtype)
     loaded = load_model(cfg.model.spec, device=precision.device, tokenizer=cfg.model.tokenizer or None)
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = loaded.model, loaded.require_tokenizer("set model.tokenizer=PATH")
     template = make_template(cfg.data)
     results: dict[str, Any] = {"task": task, "n_test": len(test), "dtype": cfg.precision.dtype}
+    n = f"{len(test)} {task} test items"
     with precision.autocast():
         if task == "mcq":
-            results["zero_shot_logprob"] = mcq_zero_shot(model, tok, test, template)
-            results["zero_shot_cloze"] = mcq_cloze(model, tok, test, precision=precision)
+            with stage(f"zero-shot letter log-probabilities, {n}"):
+                results["zero_shot_logprob"] = mcq_zero_shot(model, tok, test, template)
+            with stage(f"zero-shot cloze, {n}"):
+                results["zero_shot_cloze"] = mcq_cloze(model, tok, test, precision=precision)
         prompt = FewShotTemplate(pick_shots(train, shots), cfg.data.system or None) if shots else template
-        results[f"base_{shots}shot"] = evaluate_task(model, tok, task, test, prompt, max_retries=max_retries)
+        with stage(f"base model, {shots}-shot generated answers, {n}"):
+            results[f"base_{shots}shot"] = evaluate_task(model, tok, task, test, prompt, max_retries=max_retries)
         if adapter:
             load_adapter(model, adapter, name=task)
             if task == "mcq":  # the baseline's scoring with the adapter on: the letter prior it learned
-                results["adapter_logprob"] = mcq_zero_shot(model, tok, test, template, adapters=True)
-            results["adapter"] = evaluate_task(model, tok, task, test, template, max_retries=max_retries)
+                with stage(f"adapter letter log-probabilities, {n}"):
+                    results["adapter_logprob"] = mcq_zero_shot(model, tok, test, template, adapters=True)
+            with stage(f"adapter {adapter}, generated answers, {n}"):
+                results["adapter"] = evaluate_task(model, tok, task, test, template, max_retries=max_retries)
     return results

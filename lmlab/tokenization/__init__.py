@@ -6,7 +6,7 @@ tokenizer.json, GPT-2 vocab/merges, GGUF-embedded vocabularies, trained byte-lev
     text = tok.decode(ids)
 """
 
-from lmlab.tokenization.base import SIDECAR, StreamDecoder, Tokenizer
+from lmlab.tokenization.base import SIDECAR, StreamDecoder, Tokenizer, decode_continuation
 from lmlab.tokenization.char import CharTokenizer
 from lmlab.tokenization.gguf_vocab import read_gguf_metadata, tokenizer_from_gguf
 from lmlab.tokenization.hf import HFTokenizer, from_gpt2_files, from_tokenizer_json, train_bpe
@@ -16,6 +16,6 @@ from lmlab.tokenization.spm import SentencePieceTokenizer
 
 __all__ = [
     "SIDECAR", "CharTokenizer", "HFTokenizer", "Llama2cTokenizer", "SentencePieceTokenizer", "StreamDecoder",
-    "Tokenizer", "from_gpt2_files", "from_tokenizer_json", "load_tokenizer", "read_gguf_metadata",
-    "tokenizer_from_gguf", "train_bpe", "train_tokenizer",
+    "Tokenizer", "decode_continuation", "from_gpt2_files", "from_tokenizer_json", "load_tokenizer",
+    "read_gguf_metadata", "tokenizer_from_gguf", "train_bpe", "train_tokenizer",
 ]

@@ -174,15 +174,18 @@ class StreamDecoder:
     `ids[prefix:]` and emit what it adds over `ids[prefix:read]` (the text already shown); both
     start at the same id, so any start-of-text rule applies to both alike. Text that ends in an
     incomplete character (U+FFFD) is held back until the next id completes it.
-    Invariant: "".join(all puts) + flush() == tokenizer.decode(all ids not in skip_ids).
+    `context` (e.g. the prompt's last id) counts as already shown, so a continuation keeps the leading
+    space that decoding it alone would drop.
+    Invariant: "".join(all puts) + flush() == decode_continuation(tokenizer, context, ids not in skip_ids).
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_ids: frozenset[int] | set[int] = frozenset()):
+    def __init__(self, tokenizer: Tokenizer, skip_ids: frozenset[int] | set[int] = frozenset(),
+                 context: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.skip_ids = skip_ids  # e.g. tokenizer.stop_ids: never shown
-        self.ids: list[int] = []
+        self.ids: list[int] = [int(i) for i in context]
         self._prefix = 0  # window start: a little context already shown
-        self._read = 0  # ids up to here have been shown
+        self._read = len(self.ids)  # ids up to here have been shown
 
     def put(self, token_id: int) -> str:
         if token_id in self.skip_ids:
@@ -201,3 +204,12 @@ class StreamDecoder:
             return ""
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(shown):]
+
+
+def decode_continuation(tokenizer: Tokenizer, context: Sequence[int], new: Sequence[int]) -> str:
+    """The text `new` adds after `context` (e.g. the prompt's last id). SentencePiece and llama2.c drop the
+    leading space of a text's first piece, so a continuation decoded alone ("Once upon a" -> "time") loses
+    the space it has after its prompt (" time")."""
+    head = tokenizer.decode(list(context))
+    full = tokenizer.decode([*context, *new])
+    return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new))

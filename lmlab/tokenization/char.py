@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmlab.errors import CheckpointError, DataError
+from lmlab.fileio import read_text
 from lmlab.tokenization.base import Tokenizer, atomic_write
 
 CHAR_FILE = "char_vocab.json"
@@ -34,9 +35,9 @@ class CharTokenizer(Tokenizer):
     def from_files(cls, files: Sequence[str | Path]) -> CharTokenizer:
         chars: set[str] = set()
         for f in files:
-            if not Path(f).is_file():
-                raise DataError(f"{f}: training text file not found")
-            chars.update(Path(f).read_text(encoding="utf-8"))
+            chars.update(read_text(f, "training text file"))
+        if not chars:
+            raise DataError(f"{', '.join(map(str, files))}: no text to build a character vocabulary from")
         return cls(sorted(chars))
 
     @classmethod

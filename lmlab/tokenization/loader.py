@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmlab.errors import CheckpointError, ConfigError
+from lmlab.errors import CheckpointError, ConfigError, DataError
+from lmlab.fileio import check_output_dir, read_text, write_output_dir
 from lmlab.tokenization.base import SIDECAR, Tokenizer
 from lmlab.tokenization.char import CHAR_FILE, CharTokenizer
 from lmlab.tokenization.gguf_vocab import tokenizer_from_gguf
@@ -96,12 +97,18 @@ def _sibling(file: Path, suffix: str, other: str) -> Path:
     return file.with_name(file.name[: -len(suffix)] + other)
 
 
-def train_tokenizer(files: list[Path], out_dir: Path, kind: str = "bpe", vocab_size: int = 4096) -> Tokenizer:
-    """Train a "bpe" (byte-level BPE) or "char" tokenizer on text files and save it into `out_dir`."""
-    if kind == "bpe":
-        return train_bpe(files, vocab_size, out_dir)
-    if kind == "char":
-        tok = CharTokenizer.from_files(files)
-        tok.save(out_dir)
-        return tok
-    raise ConfigError(f"tokenizer kind {kind!r} cannot be trained (expected 'bpe' or 'char')")
+TOKENIZER_KIND = "tokenizer"
+
+
+def train_tokenizer(files: list[Path], out_dir: Path, kind: str = "bpe", vocab_size: int = 4096, *,
+                    force: bool = False) -> Tokenizer:
+    """Train a "bpe" (byte-level BPE) or "char" tokenizer on UTF-8 text files and save it into `out_dir`
+    (new, empty or an earlier tokenizer export; `force` writes beside other files: lmlab.fileio)."""
+    if kind not in ("bpe", "char"):
+        raise ConfigError(f"tokenizer kind {kind!r} cannot be trained (expected 'bpe' or 'char')")
+    check_output_dir(out_dir, TOKENIZER_KIND, force=force, legacy=lambda f: (f / SIDECAR).is_file())
+    if not any(read_text(f, "training text file").strip() for f in files):  # also: every file is UTF-8
+        raise DataError(f"{', '.join(map(str, files))}: no text to train a tokenizer on (the files are empty)")
+    tok = train_bpe(files, vocab_size) if kind == "bpe" else CharTokenizer.from_files(files)
+    write_output_dir(tok.save, out_dir, TOKENIZER_KIND, force=force, legacy=lambda f: (f / SIDECAR).is_file())
+    return tok

@@ -1,14 +1,18 @@
-"""Objectives as pure functions of (model, batch) -> (sum_loss, n_tokens) (torchtune `rlhf/loss` style).
+"""Objectives: pure functions `(model, batch) -> LossOutput` (torchtune `rlhf/loss` style).
 
-Returning a *sum* and a *count* lets the loop weight every unmasked token equally across
-micro-batches and processes: it adds the sums, adds the counts, and divides once. A per-micro-batch
-mean would silently give tokens in a padded or prompt-masked micro-batch more weight (nanoGPT
-issue 168). Labels equal to IGNORE_INDEX (-100) mark padding and prompt tokens.
+An objective returns a *sum* and the *count* of what it sums over (target tokens for language modelling,
+examples for classification, pairs for preference losses), the input tokens it processed (throughput,
+MFU) and its own metrics as sums over the same units. The loop adds sums and counts over micro-batches
+and processes and divides once: every counted unit weighs the same however the micro-batches are padded
+or masked (a per-micro-batch mean would not: nanoGPT issue 168). It logs `loss`, each metric as
+sum / count, and perplexity only when the objective says its loss is a per-token NLL. Labels equal to
+IGNORE_INDEX (-100) mark padding and prompt tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +21,24 @@ from torch import Tensor, nn
 from lmlab.data.batch import IGNORE_INDEX, Batch
 from lmlab.model.transformer import unwrap
 
-LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]
+
+@dataclass
+class LossOutput:
+    """One micro-batch's contribution to a step."""
+
+    loss: Tensor
+    """Summed over `count` units; backpropagated as is (the loop divides the gradients once)."""
+    count: Tensor | int
+    """Units the loss sums over: target tokens, examples, pairs."""
+    tokens: int
+    """Input tokens processed (throughput and MFU count these)."""
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    """Objective-specific sums over the same units (logged as sum / count), e.g. rewards/accuracies."""
+    perplexity: bool = False
+    """The loss is a token NLL: the loop also logs ppl = exp(loss)."""
+
+
+Objective = Callable[[nn.Module, Batch], LossOutput]
 
 
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -120,7 +141,7 @@ def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, chunk_
         return _LinearCrossEntropy.apply(hidden, weight, labels, compute, chunk)
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+def lm_loss(model: nn.Module, batch: Batch) -> LossOutput:
     """Next-token loss. batch: input_ids (B, T), labels (B, T) already shifted (labels[t] = x[t+1]),
     optional attention_mask. The vocabulary projection runs only where labels count (prompt-masked
     and padded positions need no logits). A MoE model's load-balancing loss (model.aux_loss) is added
@@ -137,7 +158,7 @@ def lm_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     aux = getattr(raw, "aux_loss", None)
     if aux is not None:
         loss = loss + aux * n_tokens
-    return loss, n_tokens
+    return LossOutput(loss, n_tokens, batch["input_ids"].numel(), perplexity=True)
 
 
 def shift_labels(tokens: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -148,10 +169,13 @@ def shift_labels(tokens: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor
     return inputs, labels
 
 
-def classification_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy over the batch and the number of examples (the loop divides once).
-    Labels equal to IGNORE_INDEX count for nothing (a filler example in an otherwise empty micro-batch)."""
+def classification_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """Summed cross-entropy over the batch and the number of examples (the loop divides once), with the
+    training accuracy. Labels equal to IGNORE_INDEX count for nothing (a filler example in an otherwise
+    empty micro-batch)."""
     logits = model(batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"]
     loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
+    keep = labels != IGNORE_INDEX
+    correct = ((logits.detach().argmax(-1) == labels) & keep).sum()
+    return LossOutput(loss, keep.sum(), int(batch["attention_mask"].sum()), {"accuracy": correct})

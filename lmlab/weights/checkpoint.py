@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmlab.errors import CheckpointError
-from lmlab.fileio import atomic_replace_dir
+from lmlab.fileio import write_output_dir
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer, unwrap
 from lmlab.weights.build import build_model
@@ -34,10 +34,15 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
+CHECKPOINT_KIND = "lmlab checkpoint"
+
+
 def save_checkpoint(
-    model: nn.Module, directory: str | Path, tokenizer: Any = None, metadata: dict[str, str] | None = None
+    model: nn.Module, directory: str | Path, tokenizer: Any = None, metadata: dict[str, str] | None = None,
+    *, force: bool = False,
 ) -> Path:
-    """Write model (and tokenizer) to `directory`, atomically replacing any earlier copy."""
+    """Write model (and tokenizer) to `directory`: a new folder, or one holding an earlier lmlab checkpoint
+    (replaced); a folder with anything else is refused unless `force` (lmlab.fileio.write_output_dir)."""
     directory = Path(directory)
     raw = unwrap(model)
     state = model_state(raw)
@@ -48,7 +53,7 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save(tmp)
 
-    atomic_replace_dir(build, directory)
+    write_output_dir(build, directory, CHECKPOINT_KIND, force=force, legacy=is_checkpoint)
     return directory
 
 

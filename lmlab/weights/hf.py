@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.fileio import atomic_replace_dir
+from lmlab.fileio import write_output_dir
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import unwrap
 from lmlab.weights.build import to_interleaved, to_rotate_half
@@ -448,8 +448,12 @@ def _lmlab_to_gpt2(state: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, 
     return out
 
 
-def save_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write `model` (and its tokenizer) as a Hugging Face folder, atomically replacing `out_dir`."""
+HF_KIND = "Hugging Face model"
+
+
+def save_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None, *, force: bool = False) -> Path:
+    """Write `model` (and its tokenizer) as a Hugging Face folder: a new one, or one holding an earlier
+    lmlab export of the same kind (lmlab.fileio.write_output_dir; `force` writes beside other files)."""
     raw = unwrap(model)
     c = raw.config
     family = hf_family(c)
@@ -464,7 +468,7 @@ def save_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer: Any = None) 
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
 
-    atomic_replace_dir(build, Path(out_dir))
+    write_output_dir(build, Path(out_dir), HF_KIND, force=force)
     return Path(out_dir)
 
 

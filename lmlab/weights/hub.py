@@ -37,7 +37,7 @@ def snapshot(name: str, revision: str | None = None) -> Path:
     except Exception as err:  # offline, unknown repo, gated repo: the hub client raises many types
         raise CheckpointError(
             f"{name!r} is not a local file or folder, and downloading it from the Hugging Face hub failed "
-            f"({type(err).__name__}: {err})"
+            f"({type(err).__name__}: {' '.join(str(err).split())})"  # one line: the client's messages span several
         ) from None
     folder = Path(folder)
     if not any(folder.glob("*.safetensors")):

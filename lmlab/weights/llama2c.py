@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmlab.errors import CheckpointError
+from lmlab.errors import CheckpointError, ConfigError
 from lmlab.model.config import ModelConfig
 
 MAGIC = 0x616B3432  # "ak42"
@@ -62,11 +62,14 @@ def _config(path: Path, header: tuple[int, ...]) -> tuple[ModelConfig, bool]:
     if min(dim, hidden, layers, heads, kv_heads, seq) <= 0 or vocab == 0:
         raise CheckpointError(f"{path}: header {header} is not a llama2.c checkpoint header "
                               "(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)")
-    config = ModelConfig(
-        name=path.stem, vocab_size=abs(vocab), dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
-        hidden_dim=hidden, max_seq_len=seq, norm="rmsnorm", pos="rope", mlp="swiglu", norm_eps=1e-5,
-        tie_embeddings=vocab > 0,
-    )
+    try:
+        config = ModelConfig(
+            name=path.stem, vocab_size=abs(vocab), dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads,
+            hidden_dim=hidden, max_seq_len=seq, norm="rmsnorm", pos="rope", mlp="swiglu", norm_eps=1e-5,
+            tie_embeddings=vocab > 0,
+        )
+    except ConfigError as err:  # a damaged or foreign file's header
+        raise CheckpointError(f"{path}: header {header} is not a llama2.c model ({err})") from None
     return config, vocab > 0
 
 
@@ -198,11 +201,14 @@ def load_llama2c_pt(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     state = {k: v for k, v in state.items() if not k.startswith("freqs_")}  # RoPE tables of old versions
     out, emb = state.get("output.weight"), state.get("tok_embeddings.weight")
     tied = out is None or (emb is not None and (out is emb or torch.equal(out, emb)))
-    config = ModelConfig(
-        name=path.stem, vocab_size=args["vocab_size"], dim=args["dim"], n_layers=args["n_layers"],
-        n_heads=args["n_heads"], n_kv_heads=args.get("n_kv_heads"), hidden_dim=args.get("hidden_dim"),
-        # missing optional args take llama2.c ModelArgs' defaults, not lmlab's
-        multiple_of=args.get("multiple_of", 256), norm_eps=args.get("norm_eps", 1e-5),
-        max_seq_len=args["max_seq_len"], norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=tied,
-    )
+    try:
+        config = ModelConfig(
+            name=path.stem, vocab_size=args["vocab_size"], dim=args["dim"], n_layers=args["n_layers"],
+            n_heads=args["n_heads"], n_kv_heads=args.get("n_kv_heads"), hidden_dim=args.get("hidden_dim"),
+            # missing optional args take llama2.c ModelArgs' defaults, not lmlab's
+            multiple_of=args.get("multiple_of", 256), norm_eps=args.get("norm_eps", 1e-5),
+            max_seq_len=args["max_seq_len"], norm="rmsnorm", pos="rope", mlp="swiglu", tie_embeddings=tied,
+        )
+    except (ConfigError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: model_args {args} do not describe a model ({err})") from None
     return config, state

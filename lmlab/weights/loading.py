@@ -22,17 +22,18 @@ import torch
 
 from lmlab.adapters.files import load_adapter
 from lmlab.adapters.lora import merge_and_unload
-from lmlab.errors import CheckpointError, ConfigError
-from lmlab.model.config import get_preset
+from lmlab.errors import CheckpointError, ConfigError, OutputError
+from lmlab.fileio import check_output_dir, check_output_file
+from lmlab.model.config import ModelConfig, get_preset
 from lmlab.model.transformer import Transformer
 from lmlab.paths import gemma3_gguf, smollm2_gguf
-from lmlab.precision import DTYPES
+from lmlab.precision import DTYPES, resolve_device
 from lmlab.tokenization import SIDECAR, load_tokenizer
 from lmlab.weights.build import build_model
-from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+from lmlab.weights.checkpoint import CHECKPOINT_KIND, is_checkpoint, load_checkpoint, model_state, save_checkpoint
 from lmlab.weights.gguf import load_gguf
 from lmlab.weights.gguf_export import GGUF_TYPES, save_gguf
-from lmlab.weights.hf import is_hf_dir, load_hf, save_hf
+from lmlab.weights.hf import HF_KIND, is_hf_dir, load_hf, save_hf
 from lmlab.weights.hub import looks_like_hub_name, snapshot
 from lmlab.weights.llama2c import load_llama2c_bin, load_llama2c_pt
 
@@ -54,6 +55,13 @@ class LoadedModel:
     source: str  # the file or folder the weights were read from (or the preset)
     kind: str  # gguf | llama2c | llama2c-pt | lmlab | hf | preset
 
+    def require_tokenizer(self, how: str = "pass --tokenizer PATH") -> Any:
+        """The tokenizer, or a ConfigError saying `how` to give one (a llama2.c .pt, say, carries none)."""
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.source}: no tokenizer came with this model; {how} (a tokenizer.model or "
+                              "tokenizer.bin beside a llama2.c file is found by itself)")
+        return self.tokenizer
+
 
 def load_model(
     spec: str | Path,
@@ -61,29 +69,49 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
+    overrides: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
 ) -> LoadedModel:
     """Load a model from any spec lmlab understands (see the module docstring).
 
     dtype: a torch dtype or fp32/bf16/fp16; None means float32 (quantized GGUF tensors are dequantized
     straight into it). tokenizer: a Tokenizer, or a path for `lmlab.tokenization.load_tokenizer`;
-    overrides the one found with the model.
+    overrides the one found with the model. overrides: ModelConfig fields to change (a preset is built
+    with them; loaded weights go into a model of the changed config, e.g. another dropout). vocab_size:
+    the tokenizer's size: a preset is built with it, a loaded model must have at least that many rows.
     """
-    dtype = _resolve_dtype(dtype)
-    spec = str(spec)
-    if spec in REGISTRY:
+    dtype, device = _resolve_dtype(dtype), resolve_device(device, "device")
+    spec, overrides = str(spec), dict(overrides or {})
+    if spec.startswith("preset:"):
+        if vocab_size and "vocab_size" not in overrides:
+            overrides["vocab_size"] = vocab_size
+        loaded = _load_preset(spec.removeprefix("preset:"), device, dtype, overrides)
+    elif spec in REGISTRY:
         loaded = _load_path(REGISTRY[spec](), device, dtype)
-    elif spec.startswith("preset:"):
-        loaded = _load_preset(spec.removeprefix("preset:"), device, dtype)
     elif Path(spec).exists():
         loaded = _load_path(Path(spec), device, dtype)
     else:
-
         if not looks_like_hub_name(spec):
             raise CheckpointError(f"{spec}: no such file or folder (expected {EXPECTED})")
         loaded = _load_path(snapshot(spec), device, dtype)
+    if overrides and loaded.kind != "preset":
+        loaded.model = _with_overrides(loaded.model, overrides, spec)
+    if vocab_size and loaded.model.config.vocab_size < vocab_size:
+        raise ConfigError(f"model.spec={spec}: vocab_size {loaded.model.config.vocab_size} is smaller than the "
+                          f"tokenizer's {vocab_size}")
     if tokenizer is not None:
         loaded.tokenizer = _as_tokenizer(tokenizer)
+        if loaded.tokenizer.vocab_size > loaded.model.config.vocab_size:  # its ids would crash the embedding
+            raise ConfigError(f"tokenizer {tokenizer}: {loaded.tokenizer.vocab_size} ids, more than the "
+                              f"{loaded.model.config.vocab_size} rows of {spec}'s embedding; use the model's own")
     return loaded
+
+
+def _with_overrides(model: Transformer, overrides: dict[str, Any], source: str) -> Transformer:
+    """The same weights in a model of the changed config (shapes must still match: dropout, window...)."""
+    config = ModelConfig.from_dict({**model.config.to_dict(), **overrides}, source=f"{source} with overrides")
+    device = next(model.parameters()).device
+    return build_model(config, model_state(model), source, device=device).train(model.training)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -96,9 +124,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[dtype]
 
 
-def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-
-    model = Transformer(get_preset(name)).to(device=device, dtype=dtype or torch.float32).eval()
+def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | None,
+                 overrides: dict[str, Any]) -> LoadedModel:
+    model = Transformer(get_preset(name, **overrides)).to(device=device, dtype=dtype or torch.float32).eval()
     return LoadedModel(model, None, f"preset:{name}", "preset")
 
 
@@ -110,11 +138,9 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
 
     suffix = path.suffix.lower()
     if suffix == ".gguf":
-
         config, state, tok = load_gguf(path, dtype=dtype or torch.float32)
         return LoadedModel(build_model(config, state, str(path), device=device), tok, str(path), "gguf")
     if suffix in (".bin", ".pt", ".pth"):
-
         config, state = load_llama2c_pt(path) if suffix != ".bin" else load_llama2c_bin(path)
         model = build_model(config, state, str(path), device=device, dtype=dtype or torch.float32)
         kind = "llama2c" if suffix == ".bin" else "llama2c-pt"
@@ -123,12 +149,10 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
 
 
 def _load_dir(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
-
     if is_checkpoint(path):
         model = load_checkpoint(path, device=device, dtype=dtype).eval()
         return LoadedModel(model, _tokenizer_in(path), str(path), "lmlab")
     if is_hf_dir(path):
-
         config, state = load_hf(path)
         model = build_model(config, state, str(path), device=device, dtype=dtype or torch.float32)
         return LoadedModel(model, _tokenizer_in(path), str(path), "hf")
@@ -140,14 +164,12 @@ def _load_dir(path: Path, device: str | torch.device, dtype: torch.dtype | None)
 
 def _tokenizer_in(folder: Path) -> Any:
     """The tokenizer saved in a model folder, or None when it has no tokenizer files."""
-
     names = (SIDECAR, "tokenizer.json", "tokenizer.model", "tokenizer.bin", "vocab.json")
     return load_tokenizer(folder) if any((folder / n).is_file() for n in names) else None
 
 
 def _tokenizer_beside(checkpoint: Path) -> Any:
     """llama2.c keeps tokenizers next to checkpoints: tokenizer.bin, tok512.bin, tok512.model..."""
-
     for pattern in LLAMA2C_TOKENIZERS:
         found = sorted(p for p in checkpoint.parent.glob(pattern) if p != checkpoint)
         if found:
@@ -157,7 +179,6 @@ def _tokenizer_beside(checkpoint: Path) -> Any:
 
 def _as_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, Path)):
-
         return load_tokenizer(tokenizer)
     return tokenizer
 
@@ -167,26 +188,41 @@ def _as_tokenizer(tokenizer: Any) -> Any:
 CONVERT_TARGETS = ("lmlab", "hf", "gguf")
 
 
+def _check_gguf_out(path: Path, force: bool) -> None:
+    """A GGUF export replaces an earlier GGUF file, never a folder or (without `force`) another file."""
+    check_output_file(path)
+    if path.is_file() and not force:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise OutputError(f"{path}: exists and is not a GGUF file; pass --force to replace it")
+
+
 def convert(
     spec: str | Path, to: str, out_dir: str | Path, *, dtype: torch.dtype | str | None = None,
-    gguf_type: str = "f16", adapter: str | Path | None = None,
+    gguf_type: str = "f16", adapter: str | Path | None = None, force: bool = False,
 ) -> Path:
     """Load any spec (plus a LoRA adapter folder, merged in) and write it as an lmlab checkpoint, a
-    Hugging Face folder or a GGUF file of `gguf_type` (each with its tokenizer)."""
+    Hugging Face folder or a GGUF file of `gguf_type` (each with its tokenizer). A folder must be new,
+    empty or an earlier export of the same kind, unless `force` (lmlab.fileio); a GGUF path must not be
+    a folder, and a file there is replaced only if it is a GGUF file or `force`."""
     if to not in CONVERT_TARGETS:
         raise ConfigError(f"--to {to!r}: expected one of {list(CONVERT_TARGETS)}")
-    if to == "gguf" and gguf_type not in GGUF_TYPES:
-        raise ConfigError(f"--type {gguf_type!r}: expected one of {sorted(GGUF_TYPES)}")
+    if to == "gguf":  # checked before a slow load
+        if gguf_type not in GGUF_TYPES:
+            raise ConfigError(f"--type {gguf_type!r}: expected one of {sorted(GGUF_TYPES)}")
+        _check_gguf_out(Path(out_dir), force)
+    else:
+        check_output_dir(out_dir, HF_KIND if to == "hf" else CHECKPOINT_KIND, force=force,
+                         legacy=None if to == "hf" else is_checkpoint)
     loaded = load_model(spec, dtype=dtype)
     if adapter is not None:
         loaded.model = merge_and_unload(load_adapter(loaded.model, adapter))
     if to == "gguf":
         return save_gguf(loaded.model, out_dir, tokenizer=loaded.tokenizer, kind=gguf_type)
     if to == "hf":
+        return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer, force=force)
 
-        return save_hf(loaded.model, out_dir, tokenizer=loaded.tokenizer)
-
-    return save_checkpoint(loaded.model, out_dir, tokenizer=loaded.tokenizer,
+    return save_checkpoint(loaded.model, out_dir, tokenizer=loaded.tokenizer, force=force,
                            metadata={"converted_from": loaded.source, "source_kind": loaded.kind})
 
 

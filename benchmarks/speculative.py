@@ -1,0 +1,128 @@
+"""Speculative decoding at batch 1: tokens/s with and without, and the acceptance rate.
+
+SmolLM2-135M-Instruct (the embedded GGUF), greedy, chat template. Two prompt sets: DialogSum summaries
+(grounded: a summary copies names and phrases of the dialogue, which prompt lookup can draft) and
+open-ended Alpaca instructions (little to copy). Each prompt is decoded plainly and with every drafter in
+turn (interleaved, so machine load hits all alike); the speedup is the ratio of total tokens/s, the median
+of per-prompt ratios beside it. Greedy outputs are checked equal to plain decoding.
+
+Drafters: prompt lookup with k draft tokens, and a draft model: SmolLM2 itself with int8 weights
+(lmlab/model/quantize.py), the only smaller model with this vocabulary here.
+
+    python benchmarks/speculative.py [--prompts 20] [--max-new 128] [--dtype bf16] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lmlab.data.tasks import dialogsum_records
+from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
+from lmlab.generation.sampling import SamplingConfig
+from lmlab.generation.speculative import DraftModel, PromptLookup, speculative_generate_ids
+from lmlab.model.quantize import quantize_int8
+from lmlab.paths import data_dir
+from lmlab.precision import inference_dtype
+from lmlab.weights.loading import load_model
+
+
+def prompt_sets(tok, n: int) -> dict[str, list[list[int]]]:
+    dialogs = dialogsum_records(data_dir() / "dialogsum" / "dialogsum.dev.jsonl")[:n]
+    alpaca = [r for r in json.loads((data_dir() / "alpaca" / "alpaca_small.json").read_text()) if not r["input"]][:n]
+    return {
+        "DialogSum": [encode_prompt(tok, f"{r['instruction']}\n\n{r['input']}", chat=True) for r in dialogs],
+        "open-ended (Alpaca)": [encode_prompt(tok, r["instruction"], chat=True) for r in alpaca],
+    }
+
+
+def timed(fn) -> tuple[float, list[int], dict]:
+    stats: dict = {}
+    t = time.perf_counter()
+    out = fn(stats)
+    return time.perf_counter() - t, out, stats
+
+
+def bench(model, drafters: dict, prompts: list[list[int]], cfg: GenerationConfig, stop: tuple[int, ...]) -> dict:
+    cfg = GenerationConfig(cfg.max_new_tokens, cfg.sampling, stop, seed=cfg.seed)
+    rows = {name: {"time": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "steps": 0, "ratios": [], "same": 0}
+            for name in ["plain", *drafters]}
+    for prompt in prompts:
+        t_plain, plain, _ = timed(lambda s, prompt=prompt: generate_ids(model, [prompt], cfg)[0])
+        rows["plain"]["time"] += t_plain
+        rows["plain"]["tokens"] += len(plain)
+        for name, make in drafters.items():
+            t, out, stats = timed(lambda s, prompt=prompt, make=make:
+                                  speculative_generate_ids(model, [prompt], cfg, make(), stats=s)[0])
+            r = rows[name]
+            r["time"] += t
+            r["tokens"] += len(out)
+            r["same"] += out == plain
+            r["ratios"].append((len(out) / t) / (len(plain) / t_plain))
+            for key in ("drafted", "accepted", "steps"):
+                r[key] += stats[key]
+    return rows
+
+
+def table(name: str, rows: dict, n_prompts: int) -> list[str]:
+    base = rows["plain"]["tokens"] / rows["plain"]["time"]
+    lines = [f"| {name} | decoding | tokens/s | speedup (total) | speedup (median prompt) | acceptance | "
+             "tokens per target forward | greedy output = plain |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        tps = r["tokens"] / r["time"]
+        if label == "plain":
+            lines.append(f"| | plain | {tps:.1f} | 1.00x | | | 1.00 | |")
+            continue
+        acc = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
+        lines.append(f"| | {label} | {tps:.1f} | {tps / base:.2f}x | {statistics.median(r['ratios']):.2f}x | "
+                     f"{acc:.2f} | {r['tokens'] / max(r['steps'], 1):.2f} | {r['same']}/{n_prompts} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=int, default=20, help="prompts per set")
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8"], help="the target's weights")
+    ap.add_argument("--k", type=int, nargs="+", default=[3, 5, 8], help="prompt-lookup draft tokens")
+    ap.add_argument("--no-draft-model", action="store_true")
+    ap.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    dtype = inference_dtype(args.dtype)
+    loaded = load_model("smollm2-135m-instruct", dtype=dtype)
+    model, tok = loaded.model, loaded.tokenizer
+    draft = None if args.no_draft_model else quantize_int8(copy.deepcopy(model), dtype)
+    if args.quantize == "int8":
+        quantize_int8(model, dtype)
+    drafters = {f"prompt lookup, k={k}": (lambda k=k: PromptLookup(k)) for k in args.k}
+    if draft is not None:
+        drafters["draft model (int8 copy), k=4"] = lambda: DraftModel(draft, 4)
+    cfg = GenerationConfig(args.max_new, SamplingConfig(temperature=0))
+    stop = tuple(tok.stop_ids)
+    report = []
+    for name, prompts in prompt_sets(tok, args.prompts).items():
+        rows = bench(model, drafters, prompts, cfg, stop)
+        report += table(name, rows, len(prompts)) + [""]
+        print("\n".join(report), flush=True)
+    if args.record:
+        load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+        header = (f"\n## Speculative decoding, batch 1 ({time.strftime('%Y-%m-%d')}, "
+                  f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load {load})\n\n"
+                  f"SmolLM2-135M-Instruct {str(dtype).removeprefix('torch.')}"
+                  f"{' int8 weights' if args.quantize == 'int8' else ''}, greedy, chat template, up to "
+                  f"{args.max_new} new tokens, {args.prompts} prompts per set; command: "
+                  f"`python benchmarks/speculative.py {' '.join(__import__('sys').argv[1:])}`\n\n")
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(header + "\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
