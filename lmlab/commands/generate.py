@@ -32,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer file/folder when the model has none beside it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: weight-only int8 linears (about 2x faster decoding on CPU; see lmlab/model/quantize.py)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="auto: keep a GGUF file's 4/8-bit weights quantized (packed int4 / int8 kernels) and fuse "
+                        "projections; none: float weights; int8 / int4: quantize any model (lmlab/model/quantize.py)")
     p.add_argument("--out", type=Path, help="write results as JSONL here (atomically)")
     p.add_argument("--no-stream", action="store_true", help="print results at the end only")
     p.set_defaults(func=run)
@@ -70,11 +71,7 @@ def run(args: argparse.Namespace) -> None:
     prompts = _read_prompts(args)
     t0 = time.perf_counter()
     dtype = inference_dtype(args.dtype, args.device)
-    loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
-    if args.quantize == "int8":
-        from lmlab.model.quantize import quantize_int8
-
-        quantize_int8(loaded.model, dtype)  # computes in the resolved dtype (bf16 or fp32)
+    loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     load_s = time.perf_counter() - t0
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p if args.temperature else None,
                               args.min_p, args.epsilon, args.repetition_penalty)

@@ -11,6 +11,11 @@ The tokenizer lives in the file's metadata (`tokenizer.ggml.*`) and is built by 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+import struct
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,8 +37,10 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 IGNORED = ("rope_freqs",)  # llama.cpp's precomputed RoPE table: lmlab computes its own
+_U64 = struct.Struct("<Q")
 
 
+@functools.cache
 def supported_quant_types() -> list[str]:
     """The tensor types `gguf.quants.dequantize` can turn back into floats."""
     import gguf.quants
@@ -47,7 +54,9 @@ def open_gguf(path: str | Path) -> Any:
 
     class _Reader(gguf.GGUFReader):
         """GGUFReader on a plain ndarray view of its memmap: parsing the ~100k tokenizer strings
-        slices the map ~250k times, and np.memmap's per-slice bookkeeping made that 3x slower."""
+        slices the map ~250k times, and np.memmap's per-slice bookkeeping made that 3x slower. Arrays
+        are parsed in one loop (strings as memoryview slices, numbers as one view) instead of one
+        recursive call and three numpy views per element: the same fields, 2.2 s -> 0.15 s here."""
 
         @property
         def data(self) -> np.ndarray:
@@ -57,12 +66,32 @@ def open_gguf(path: str | Path) -> Any:
         def data(self, value: np.ndarray) -> None:
             self._data = value.view(np.ndarray)
 
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list, list[int], list]:
+            if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._data[orig_offs:orig_offs + 4].view(np.uint32)
+            alen = self._data[orig_offs + 4:orig_offs + 12].view(np.uint64)
+            itype, n, offs = gguf.GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+            if itype == gguf.GGUFValueType.STRING:
+                buf, parts = memoryview(self._data), [raw_itype, alen]
+                for _ in range(n):  # each string carries its own length: no way but to walk them
+                    (length,) = _U64.unpack_from(buf, offs)
+                    parts += (buf[offs:offs + 8], buf[offs + 8:offs + 8 + length])
+                    offs += 8 + length
+                return offs - orig_offs, parts, list(range(3, len(parts), 2)), [gguf.GGUFValueType.ARRAY, itype]
+            nptype = self.gguf_scalar_to_np.get(itype)
+            if nptype is None:  # nested arrays
+                return super()._get_field_parts(orig_offs, raw_type)
+            values = self._data[offs:offs + n * np.dtype(nptype).itemsize].view(nptype)
+            return 12 + values.nbytes, [raw_itype, alen, values], [2], [gguf.GGUFValueType.ARRAY, itype]
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (expected a .gguf file)")
     try:
-        reader = _Reader(path)
-    except (ValueError, KeyError, IndexError, OSError) as err:
+        with gc_paused():
+            reader = _Reader(path)
+    except (ValueError, KeyError, IndexError, OSError, struct.error) as err:
         raise CheckpointError(f"{path}: not a readable GGUF file ({err}); it may be truncated") from None
     size = len(reader.data)
     for t in reader.tensors:
@@ -72,6 +101,19 @@ def open_gguf(path: str | Path) -> Any:
                 f"the file has {size}"
             )
     return reader
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection while a file's ~200k small metadata objects are made: the collector's passes
+    over them cost more than the parsing itself (measured 3x)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def field(reader: Any, key: str, default: Any = None) -> Any:
@@ -147,13 +189,24 @@ def lmlab_name(gguf_name: str) -> str | None:
     raise CheckpointError(f"unknown GGUF tensor {gguf_name!r}")
 
 
-def gguf_state(reader: Any, config: ModelConfig, path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to `dtype`, under lmlab's names (two threads: numpy releases the GIL)."""
+def interleave_heads(arch: str, name: str, config: ModelConfig) -> int | None:
+    """The head count to permute a tensor's rows with (rotate-half -> interleaved), or None to keep it."""
+    if arch == "qwen2" and name.endswith(("wq.weight", "wq.bias", "wk.weight", "wk.bias")):
+        return config.n_heads if ".wq." in name else config.n_kv_heads
+    return None
+
+
+def gguf_state(
+    reader: Any, config: ModelConfig, path: str | Path, dtype: torch.dtype, tensors: list[Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor (or those in `tensors`) dequantized to `dtype`, under lmlab's names (two threads:
+    numpy releases the GIL)."""
     from gguf.quants import dequantize
 
     arch = field(reader, "general.architecture")
     supported = supported_quant_types()
-    for t in reader.tensors:
+    tensors = reader.tensors if tensors is None else tensors
+    for t in tensors:
         if t.tensor_type.name not in supported:
             raise CheckpointError(
                 f"{path}: tensor {t.name} has quantization {t.tensor_type.name}, which cannot be dequantized; "
@@ -171,13 +224,13 @@ def gguf_state(reader: Any, config: ModelConfig, path: str | Path, dtype: torch.
         if not values.flags.writeable:  # F32 tensors are views of the read-only map
             values = values.copy()
         tensor = torch.from_numpy(values)
-        if arch == "qwen2" and name.endswith(("wq.weight", "wq.bias", "wk.weight", "wk.bias")):
-            heads = config.n_heads if ".wq." in name else config.n_kv_heads
+        heads = interleave_heads(arch, name, config)
+        if heads:
             tensor = to_interleaved(tensor, heads).contiguous()
         return name, tensor if tensor.dtype == dtype else tensor.to(dtype)
 
     with ThreadPoolExecutor(2) as pool:
-        pairs = list(pool.map(convert, reader.tensors))
+        pairs = list(pool.map(convert, tensors))
     return {name: tensor for name, tensor in pairs if name is not None}
 
 
@@ -196,5 +249,5 @@ def gguf_tokenizer(reader: Any) -> Any:
     """The tokenizer stored in the file's metadata (built by lmlab.tokenization), or None without one."""
     if "tokenizer.ggml.model" not in reader.fields:
         return None
-
-    return tokenizer_from_gguf(reader)
+    with gc_paused():
+        return tokenizer_from_gguf(reader)

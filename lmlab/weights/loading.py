@@ -21,13 +21,15 @@ import torch
 
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.model.config import get_preset
+from lmlab.model.quantize import fuse_projections, quantize_int4, quantize_int8
 from lmlab.model.transformer import Transformer
 from lmlab.paths import smollm2_gguf
-from lmlab.precision import DTYPES
+from lmlab.precision import DTYPES, inference_dtype
 from lmlab.tokenization import SIDECAR, load_tokenizer
 from lmlab.weights.build import build_model
 from lmlab.weights.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from lmlab.weights.gguf import load_gguf
+from lmlab.weights.gguf_packed import load_gguf_quantized
 from lmlab.weights.hf import is_hf_dir, load_hf, save_hf
 from lmlab.weights.hub import looks_like_hub_name, snapshot
 from lmlab.weights.llama2c import load_llama2c_bin, load_llama2c_pt
@@ -56,29 +58,51 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load a model from any spec lmlab understands (see the module docstring).
 
     dtype: a torch dtype or fp32/bf16/fp16; None means float32 (quantized GGUF tensors are dequantized
-    straight into it). tokenizer: a Tokenizer, or a path for `lmlab.tokenization.load_tokenizer`;
-    overrides the one found with the model.
+    straight into it), or bf16 where the CPU has it for a quantized model. tokenizer: a Tokenizer, or a
+    path for `lmlab.tokenization.load_tokenizer`; overrides the one found with the model.
+    quantize (inference only, lmlab/model/quantize.py): `none` keeps floats; `auto` keeps a GGUF file's
+    4-bit and 8-bit tensors quantized (packed int4 / int8 kernels, wq|wk|wv and w1|w3 fused) and fuses
+    the projections of other models; `int8` / `int4` quantize any model's linears.
     """
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={quantize!r}: expected one of {list(QUANTIZE)}")
     dtype = _resolve_dtype(dtype)
+    if quantize != "none" and dtype is None:
+        dtype = inference_dtype("auto", device)
     spec = str(spec)
     if spec in REGISTRY:
-        loaded = _load_path(REGISTRY[spec](), device, dtype)
+        loaded = _load_path(REGISTRY[spec](), device, dtype, quantize)
     elif spec.startswith("preset:"):
         loaded = _load_preset(spec.removeprefix("preset:"), device, dtype)
     elif Path(spec).exists():
-        loaded = _load_path(Path(spec), device, dtype)
+        loaded = _load_path(Path(spec), device, dtype, quantize)
     else:
 
         if not looks_like_hub_name(spec):
             raise CheckpointError(f"{spec}: no such file or folder (expected {EXPECTED})")
-        loaded = _load_path(snapshot(spec), device, dtype)
+        loaded = _load_path(snapshot(spec), device, dtype, quantize)
+    if quantize != "none":
+        _quantize(loaded.model, quantize, dtype)
     if tokenizer is not None:
         loaded.tokenizer = _as_tokenizer(tokenizer)
     return loaded
+
+
+QUANTIZE = ("none", "auto", "int8", "int4")
+
+
+def _quantize(model: Transformer, quantize: str, dtype: torch.dtype) -> None:
+    """What is left to do after loading: fuse the float projections, quantize them for int8 / int4."""
+    fuse_projections(model)
+    if quantize == "int8":
+        quantize_int8(model, dtype)
+    elif quantize == "int4":
+        quantize_int4(model, dtype)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -97,7 +121,7 @@ def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | Non
     return LoadedModel(model, None, f"preset:{name}", "preset")
 
 
-def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None) -> LoadedModel:
+def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None, quantize: str = "none") -> LoadedModel:
     if path.is_dir():
         return _load_dir(path, device, dtype)
     if not path.is_file():
@@ -105,7 +129,10 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
 
     suffix = path.suffix.lower()
     if suffix == ".gguf":
-
+        if quantize == "auto":
+            config, state, quantized, tok = load_gguf_quantized(path, dtype=dtype)
+            model = build_model(config, state, str(path), device=device, dtype=dtype, quantized=quantized)
+            return LoadedModel(model, tok, str(path), "gguf")
         config, state, tok = load_gguf(path, dtype=dtype or torch.float32)
         return LoadedModel(build_model(config, state, str(path), device=device), tok, str(path), "gguf")
     if suffix in (".bin", ".pt", ".pth"):
