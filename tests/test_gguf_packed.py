@@ -158,3 +158,14 @@ def test_auto_on_the_real_file_keeps_it_quantized() -> None:
     assert model.output.qweight.dtype == torch.int8  # the Q8_0 tied embedding is the int8 head
     weight_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     assert weight_bytes < 100e6  # ~0.56 bytes per 4-bit weight, 1 per 8-bit: the file is 98 MB
+
+
+def test_fast_metadata_parse_equals_gguf_reader() -> None:
+    """open_gguf parses arrays in one loop; every field must read back as gguf.GGUFReader's does."""
+    ours, stock = open_gguf(smollm2_gguf()), gguf.GGUFReader(smollm2_gguf())
+    assert list(ours.fields) == list(stock.fields)
+    for key, f in stock.fields.items():
+        assert ours.fields[key].types == f.types, key
+        assert ours.fields[key].contents() == f.contents(), key
+    assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == [
+        (t.name, t.data_offset, t.n_bytes) for t in stock.tensors]

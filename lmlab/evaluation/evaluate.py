@@ -153,14 +153,15 @@ def read_eval_text(path: str | Path, field: str = "text", column: str = "text") 
 
 def model_perplexity(
     spec: str, data: str | Path, *, context: int = 0, stride: int = 0, max_tokens: int = 0, batch_size: int = 1,
-    field: str = "text", device: str = "cpu", dtype: str = "fp32", progress: bool = True,
+    field: str = "text", device: str = "cpu", dtype: str = "fp32", progress: bool = True, quantize: str = "none",
 ) -> tuple[PerplexityResult, dict[str, Any]]:
     """Load any model lmlab can load (`lmlab.weights.loading.load_model`) and measure its perplexity on a file.
 
     context 0 = the model's trained context, capped at 1024 (CPU time grows with it); stride 0 = context/2.
+    quantize: as `load_model`'s (the weights then compute in bf16 where the hardware has it).
     """
 
-    loaded = load_model(spec, device=device)
+    loaded = load_model(spec, device=device, quantize=quantize)
     model, tok = loaded.model, loaded.tokenizer
     if tok is None:
         raise ConfigError(f"{spec}: no tokenizer came with this model; put one beside it (tokenizer.model, "
@@ -175,7 +176,7 @@ def model_perplexity(
     result = sliding_window_perplexity(model, ids, context, stride, batch_size, device,
                                        None if dtype == "fp32" else DTYPES[dtype], progress)
     info = dict(model=str(spec), source=str(getattr(loaded, "source", spec)), data=str(data), dtype=dtype,
-                device=device, trained_context=trained, tokenizer=type(tok).__name__)
+                device=device, trained_context=trained, tokenizer=type(tok).__name__, quantize=quantize)
     return result, info
 
 

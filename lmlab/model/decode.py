@@ -3,13 +3,14 @@
 Each generated token runs the whole model for one position. For SmolLM2-135M with 4-bit weights the
 weights take ~7 ms to read per token, while Transformer.forward issued ~200 small PyTorch calls per
 layer (module calls, dtype casts, mask and position bookkeeping, views), which cost more than that.
-`decode_step` computes the same thing with ~25 calls per layer and no module calls: the fused
+`FastDecoder.step` computes the same thing with ~40 calls per layer and no module calls: the (fused)
 projections' kernels called directly, RoPE on queries and keys in one complex multiply, keys and values
 written into the cache and read back as views, the attention scale folded into one batched matmul.
 
 It covers the plain Llama layout (RMSNorm, RoPE, SwiGLU; grouped-query attention; biases; left-padded
 batches) with a plain KV cache; `fast_decode_supported` says when, and generation falls back to the
-model's forward otherwise (sliding windows, sinks, MoE, LayerNorm / GELU models, training mode).
+model's forward otherwise (sliding windows, sinks, MoE, LayerNorm / GELU models, training mode, and any
+ModelConfig switch this file does not know).
 Tested against Transformer.forward step by step (tests/test_decode.py).
 """
 
@@ -45,11 +46,9 @@ def _plain_llama(config: ModelConfig) -> bool:
 
 
 def fast_decode_supported(model: nn.Module, cache: KVCache) -> bool:
-    """Whether decode_step computes exactly what model(ids, cache=cache) would."""
+    """Whether FastDecoder.step computes what model(ids, cache=cache) would."""
     return (isinstance(model, Transformer) and not model.training and not cache.streaming
-            and _plain_llama(model.config)
-            and all(layer.attention.wqkv is not None and layer.feed_forward.w13 is not None
-                    for layer in model.layers))
+            and _plain_llama(model.config))
 
 
 def _matmul(module: nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -68,6 +67,15 @@ def _matmul(module: nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tens
     return module
 
 
+def _concat(module: nn.Module, parts: tuple[str, ...], fused: str, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The fused projection's kernel, or the parts' outputs concatenated (parts of different kinds, e.g. a
+    Q4_K_M file's Q4_K queries and Q6_K values, are not fused)."""
+    if getattr(module, fused) is not None:
+        return _matmul(getattr(module, fused), rows)
+    fns = [_matmul(getattr(module, p), rows) for p in parts]
+    return lambda x: torch.cat([f(x) for f in fns], -1)
+
+
 @dataclass
 class _Layer:
     attention_norm: torch.Tensor  # fp32 norm weights
@@ -79,7 +87,7 @@ class _Layer:
 
 
 class FastDecoder:
-    """decode_step's per-model preparation (the kernels and fp32 norm weights of every layer), made once per
+    """The decode step's per-model preparation (the kernels and fp32 norm weights of every layer), made once per
     generation call for a batch size. The residual stream stays in fp32 between layers (the model's forward
     rounds it to the weights' dtype after every block), so bf16 models come out slightly more accurate."""
 
@@ -87,8 +95,9 @@ class FastDecoder:
         c = model.config
         self.model, self.config = model, c
         self.layers = [
-            _Layer(b.attention_norm.weight.float(), b.ffn_norm.weight.float(), _matmul(b.attention.wqkv, rows),
-                   _matmul(b.attention.wo, rows), _matmul(b.feed_forward.w13, rows), _matmul(b.feed_forward.w2, rows))
+            _Layer(b.attention_norm.weight.float(), b.ffn_norm.weight.float(),
+                   _concat(b.attention, ("wq", "wk", "wv"), "wqkv", rows), _matmul(b.attention.wo, rows),
+                   _concat(b.feed_forward, ("w1", "w3"), "w13", rows), _matmul(b.feed_forward.w2, rows))
             for b in model.layers
         ]
         self.norm = model.norm.weight.float()
