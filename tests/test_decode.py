@@ -83,3 +83,20 @@ def test_where_it_does_not_run() -> None:
     assert not fast_decode_supported(layer_norm, cache(layer_norm))
     training = tiny().train()
     assert not fast_decode_supported(training, cache(training))
+
+
+def test_cache_advance_is_begin_for_one_token() -> None:
+    model = tiny()
+    a, b = KVCache(model.config, 2, 6), KVCache(model.config, 2, 6)
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    for cache in (a, b):
+        cache.begin(mask)
+    for _ in range(3):
+        start, pos = a.begin(torch.ones(2, 1, dtype=torch.bool))
+        start_b, pos_b = b.advance()
+        assert start_b == start and torch.equal(pos_b, pos[:, 0])
+    for key in ("key_mask", "slot_pos", "next_pos"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert a.length == b.length == 6
+    with pytest.raises(ValueError, match="KV cache full"):
+        b.advance()

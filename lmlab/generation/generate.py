@@ -16,6 +16,7 @@ import torch
 from lmlab.generation.sampling import SamplingConfig, sample_next
 from lmlab.model.decode import FastDecoder, fast_decode_supported
 from lmlab.model.kv_cache import KVCache
+from lmlab.model.quantize import linear_dtype
 from lmlab.model.transformer import Transformer
 from lmlab.tokenization import StreamDecoder
 
@@ -133,7 +134,7 @@ def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
     3x faster in fp32 there than in bf16 (measured), and the cache of a small model is small."""
     if device.type == "cpu":
         return torch.float32
-    return model.norm.weight.dtype
+    return linear_dtype(model.output)
 
 
 def _prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

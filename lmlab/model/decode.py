@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from lmlab.model.config import ModelConfig
 from lmlab.model.kv_cache import KVCache
-from lmlab.model.quantize import GROUP, INT4_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, Int4Linear, Int8Linear
+from lmlab.model.quantize import GROUP, INT4_KERNEL_MAX_ROWS, KERNEL_MAX_ROWS, Int4Linear, Int8Linear, linear_dtype
 from lmlab.model.rope import rope_angles
 from lmlab.model.transformer import Transformer
 
@@ -102,7 +102,7 @@ class FastDecoder:
         ]
         self.norm = model.norm.weight.float()
         self.output = _matmul(model.output, rows)
-        self.dtype = model.norm.weight.dtype
+        self.dtype = linear_dtype(model.output)  # the linears' input dtype (norm weights may stay fp32)
         self.eps = torch.full((1,), c.norm_eps, device=self.norm.device)
         # RoPE for queries and keys in one complex multiply; the queries' rotation carries 1/sqrt(head_dim)
         self.head_scale = torch.ones(c.n_heads + c.n_kv_heads, 1, device=self.norm.device)
@@ -120,9 +120,9 @@ class FastDecoder:
         c, model = self.config, self.model
         B, H, Hkv, D = ids.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
         G, nq, nkv, L = H // Hkv, H * D, Hkv * D, c.n_layers
-        start, positions = cache.begin(torch.ones(B, 1, dtype=torch.bool, device=ids.device))
+        start, positions = cache.advance()
         S = start + 1
-        cos, sin = rope_angles(positions[:, 0], model.rope_inv_freq, c.rope_scaling, c.rope_scaling_factor)
+        cos, sin = rope_angles(positions, model.rope_inv_freq, c.rope_scaling, c.rope_scaling_factor)
         rot = torch.complex(cos, sin)[:, None] * self.head_scale  # (B, H + Hkv, D/2)
         # this step's cache slots and filled prefix, as views per layer: (B, Hkv, D) and (B Hkv, S|D, D|S)
         k_new, v_new = cache.k[:, :, :, start].unbind(0), cache.v[:, :, :, start].unbind(0)

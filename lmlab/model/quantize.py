@@ -222,6 +222,15 @@ class Int8Embedding(nn.Module):
         return t.qweight[ids].to(t.scale.dtype) * t.scale[ids, None]
 
 
+def linear_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a linear layer (plain, LoRA or quantized) computes in: what its input should be."""
+    if isinstance(module, Int8Linear):
+        return module.scale.dtype
+    if isinstance(module, Int4Linear):
+        return module.scales_and_zeros.dtype
+    return module.weight.dtype
+
+
 def quantized_linear(weight: Int4Weight | PackedInt4 | Int8Weight, dtype: torch.dtype,
                      bias: torch.Tensor | None = None) -> nn.Module:
     return (Int8Linear if isinstance(weight, Int8Weight) else Int4Linear)(weight, dtype, bias)

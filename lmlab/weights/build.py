@@ -45,11 +45,12 @@ def build_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     quantized: dict[str, PackedInt4 | Int8Weight] | None = None,
+    quantized_dtype: torch.dtype = torch.bfloat16,
 ) -> Transformer:
     """A ready eval-mode model whose parameters *are* the tensors of `state` (cast to `dtype` if given).
 
     `quantized` linear weights (lmlab/weights/gguf_packed.py) become quantized modules computing in
-    `dtype`, their biases taken from `state`. Names and shapes are checked against the config first
+    `quantized_dtype`, their biases taken from `state`. Names and shapes are checked against the config first
     (errors name `source` and the tensors).
     """
     if dtype is not None:
@@ -57,7 +58,7 @@ def build_model(
     with _no_random_init():
         model = Transformer(config)
     if quantized:
-        install_quantized(model, quantized, state, dtype or torch.bfloat16)
+        install_quantized(model, quantized, state, quantized_dtype)
     load_state_into(model, state, source, assign=True)
     if config.tie_embeddings and isinstance(model.output, nn.Linear):
         model.output.weight = model.tok_embeddings.weight

@@ -135,7 +135,7 @@ def _batches(groups: list[tuple[str, list[str]]], planned: dict[str, tuple[Any, 
 def load_gguf_quantized(
     path: str | Path, *, dtype: torch.dtype = torch.bfloat16, with_tokenizer: bool = True
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, PackedInt4 | Int8Weight], Any]:
-    """(config, float tensors in `dtype`, quantized linear weights (wq|wk|wv and w1|w3 fused where they are
+    """(config, float tensors (norm weights in fp32, the rest in `dtype`), quantized linear weights (wq|wk|wv and w1|w3 fused where they are
     of one kind), tokenizer or None). A tied embedding comes back as the quantized `output.weight`.
 
     The tokenizer is built in a second thread meanwhile (it holds the GIL; torch's conversions do not)."""
@@ -170,7 +170,8 @@ def load_gguf_quantized(
     with ThreadPoolExecutor(1) as pool, gc_paused():
         tokenizer = pool.submit(gguf_tokenizer, reader) if with_tokenizer else None
         weights = {k: v for batch in _batches(groups, planned) for k, v in convert(batch).items()}
-        state = gguf_state(reader, config, path, dtype, tensors=floats)
+        state = gguf_state(reader, config, path, torch.float32, tensors=floats)
+        state = {k: v if k.endswith("norm.weight") else v.to(dtype) for k, v in state.items()}  # norms stay fp32
         tokenizer = tokenizer.result() if tokenizer else None
     for name, parts in groups:  # biases of fused projections, concatenated the same way
         biases = [p.removesuffix("weight") + "bias" for p in parts]

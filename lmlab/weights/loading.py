@@ -131,7 +131,7 @@ def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None
     if suffix == ".gguf":
         if quantize == "auto":
             config, state, quantized, tok = load_gguf_quantized(path, dtype=dtype)
-            model = build_model(config, state, str(path), device=device, dtype=dtype, quantized=quantized)
+            model = build_model(config, state, str(path), device=device, quantized=quantized, quantized_dtype=dtype)
             return LoadedModel(model, tok, str(path), "gguf")
         config, state, tok = load_gguf(path, dtype=dtype or torch.float32)
         return LoadedModel(build_model(config, state, str(path), device=device), tok, str(path), "gguf")
