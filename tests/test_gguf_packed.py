@@ -59,7 +59,8 @@ def test_real_smollm2_tensors_equal_gguf_dequantize() -> None:
     t = next(t for t in reader.tensors if t.name == "blk.7.ffn_up.weight")
     assert t.tensor_type.name == "Q4_1"
     w = int4_weight(torch.from_numpy(np.array(t.data)), "Q4_1")
-    torch.testing.assert_close(w.dequantize(), torch.from_numpy(dequantize(t.data, t.tensor_type)), atol=1e-7, rtol=1e-6)
+    ref = torch.from_numpy(dequantize(t.data, t.tensor_type))
+    torch.testing.assert_close(w.dequantize(), ref, atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
@@ -130,7 +131,8 @@ def _tiny(arch: str):
     return model.eval()
 
 
-@pytest.mark.parametrize(("arch", "qtype"), [("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q8_0")])
+@pytest.mark.parametrize(("arch", "qtype"),
+                         [("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q4_1"), ("llama", "Q8_0")])
 def test_auto_quantized_model_computes_the_dequantized_model(arch: str, qtype: str, tmp_path) -> None:
     if not int4_supported(128, 128):
         pytest.skip("torch's int4 packing on this CPU is not one lmlab knows")

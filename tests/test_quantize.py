@@ -60,7 +60,8 @@ def _copy(model: Transformer) -> Transformer:
     return clone
 
 
-needs_int4 = pytest.mark.skipif(not int4_supported(64, 64), reason="torch's int4 packing on this CPU is not one lmlab knows")
+needs_int4 = pytest.mark.skipif(not int4_supported(64, 64),
+                                reason="torch's int4 packing on this CPU is not one lmlab knows")
 
 
 @needs_int4

@@ -28,7 +28,15 @@ from lmlab.model.config import ModelConfig
 from lmlab.model.quantize import FUSED, Int4Weight, Int8Weight, PackedInt4, int4_supported
 from lmlab.weights.build import to_interleaved
 from lmlab.weights.gguf import (
-    field, gc_paused, gguf_config, gguf_state, gguf_tokenizer, interleave_heads, lmlab_name, open_gguf, supported_quant_types,
+    field,
+    gc_paused,
+    gguf_config,
+    gguf_state,
+    gguf_tokenizer,
+    interleave_heads,
+    lmlab_name,
+    open_gguf,
+    supported_quant_types,
 )
 
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
@@ -120,7 +128,8 @@ def _groups(planned: dict[str, tuple[Any, str]]) -> list[tuple[str, list[str]]]:
 BATCH_BYTES = 2 << 20
 
 
-def _batches(groups: list[tuple[str, list[str]]], planned: dict[str, tuple[Any, str]]) -> list[list[tuple[str, list[str]]]]:
+def _batches(groups: list[tuple[str, list[str]]], planned: dict[str, tuple[Any, str]]
+             ) -> list[list[tuple[str, list[str]]]]:
     """Groups of one (plan, GGUF type, input size) gathered into batches of about BATCH_BYTES."""
     by_kind: dict[tuple, list[list]] = {}
     for group in groups:
@@ -135,8 +144,8 @@ def _batches(groups: list[tuple[str, list[str]]], planned: dict[str, tuple[Any, 
 def load_gguf_quantized(
     path: str | Path, *, dtype: torch.dtype = torch.bfloat16, with_tokenizer: bool = True
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, PackedInt4 | Int8Weight], Any]:
-    """(config, float tensors (norm weights in fp32, the rest in `dtype`), quantized linear weights (wq|wk|wv and w1|w3 fused where they are
-    of one kind), tokenizer or None). A tied embedding comes back as the quantized `output.weight`.
+    """(config, float tensors (norm weights in fp32, the rest in `dtype`), quantized linear weights
+    (wq|wk|wv and w1|w3 fused where they are of one kind), tokenizer or None). A tied embedding comes back as the quantized `output.weight`.
 
     The tokenizer is built in a second thread meanwhile (it holds the GIL; torch's conversions do not)."""
     reader = open_gguf(path)
@@ -164,7 +173,8 @@ def load_gguf_quantized(
             packed = PackedInt4.from_weight(int4_weight(rows, t.tensor_type.name), dtype)
             return {name: packed.rows(end - n, end) for (name, _), n, end in zip(batch, sizes, ends)}
         w = int8_weight(rows, t.tensor_type.name)
-        return {name: Int8Weight(w.q[end - n:end], w.scale[end - n:end]) for (name, _), n, end in zip(batch, sizes, ends)}
+        return {name: Int8Weight(w.q[end - n:end], w.scale[end - n:end])
+                for (name, _), n, end in zip(batch, sizes, ends)}
 
     groups = _groups(planned)
     with ThreadPoolExecutor(1) as pool, gc_paused():

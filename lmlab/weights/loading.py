@@ -121,7 +121,8 @@ def _load_preset(name: str, device: str | torch.device, dtype: torch.dtype | Non
     return LoadedModel(model, None, f"preset:{name}", "preset")
 
 
-def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None, quantize: str = "none") -> LoadedModel:
+def _load_path(path: Path, device: str | torch.device, dtype: torch.dtype | None,
+               quantize: str = "none") -> LoadedModel:
     if path.is_dir():
         return _load_dir(path, device, dtype)
     if not path.is_file():
