@@ -21,7 +21,7 @@ from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.paths import data_dir
 from lmlab.weights.checkpoint import model_state
-from lmlab.weights.gguf_reader import GGUFFile
+from lmlab.gguf_file import GGUFFile
 from lmlab.weights.hf import hf_config, lmlab_to_hf, save_hf
 from lmlab.weights.loading import load_model
 
@@ -177,7 +177,7 @@ def test_gemma3_info_and_generate_commands(gemma, gemma3_gguf, capsys) -> None:
     assert info["parameters"] == gemma.model.num_params() and info["config"]["global_every"] == 6
     assert info["tokenizer"]["vocab_size"] == 262144 and info["source"] == str(gemma3_gguf)
     out = _cli(capsys, "generate", str(gemma3_gguf), "--prompt", PROMPTS[0], "--temperature", "0",
-               "--max-new-tokens", "12", "--no-stream", "--dtype", "fp32")
+               "--max-new-tokens", "12", "--no-stream", "--dtype", "fp32", "--quantize", "none")  # exact path
     expected = generate_ids(gemma.model, [gemma.tokenizer.encode(PROMPTS[0], bos=True)],
                             GenerationConfig(max_new_tokens=12, sampling=SamplingConfig(temperature=0.0)))[0]
     assert gemma.tokenizer.decode(expected) in out

@@ -19,7 +19,7 @@ from lmlab.generation.sampling import SamplingConfig
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.weights.gguf_export import pre_tokenizer_name, save_gguf
-from lmlab.weights.gguf_reader import GGUFFile
+from lmlab.gguf_file import GGUFFile
 from lmlab.weights.loading import load_model
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a little robot"]

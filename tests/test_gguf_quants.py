@@ -18,7 +18,7 @@ from lmlab.paths import smollm2_gguf
 from lmlab.weights.build import build_model
 from lmlab.weights.gguf_export import save_gguf
 from lmlab.weights.gguf_quants import FORMATS, dequantize, unpack
-from lmlab.weights.gguf_reader import GGUFFile
+from lmlab.gguf_file import GGUFFile
 from lmlab.weights.loading import load_model
 
 TYPES = sorted(FORMATS)

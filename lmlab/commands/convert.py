@@ -33,7 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmlab.weights.loading import convert
 
-    out = convert(args.src, args.to, args.out, dtype=args.dtype, gguf_type=args.gguf_type, adapter=args.adapter,
+    transform = None
+    if args.adapter:
+        from lmlab.adapters.files import load_adapter
+        from lmlab.adapters.lora import merge_and_unload
+
+        def transform(model):
+            return merge_and_unload(load_adapter(model, args.adapter))
+    out = convert(args.src, args.to, args.out, dtype=args.dtype, gguf_type=args.gguf_type, transform=transform,
                   force=args.force)
     print(f"wrote {args.to} {'file' if args.to == 'gguf' else 'folder'} {out}")
     return 0

@@ -16,7 +16,9 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.generation.sampling import SamplingConfig, sample_next
+from lmlab.model.decode import FastDecoder, fast_decode_supported
 from lmlab.model.kv_cache import KVCache
+from lmlab.model.quantize import linear_dtype
 from lmlab.model.transformer import Transformer
 from lmlab.tokenization import StreamDecoder, decode_continuation
 
@@ -76,7 +78,7 @@ def generate_ids(
     prompts, max_new = fit_context(model, prompts, cfg)
     cfg = replace(cfg, max_new_tokens=max_new)
     model.eval()
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     tokens, mask = left_pad(prompts, pad_id)
     B, longest = tokens.shape
     tokens, mask = tokens.to(device), mask.to(device)
@@ -88,13 +90,14 @@ def generate_ids(
         seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, tokens, mask)
 
-    logits = _prefill(model, cache, tokens, mask)
+    logits = _prefill(model, cache, tokens, mask)[:, -1]
+    fast = FastDecoder(model, B) if fast_decode_supported(model, cache) else None  # lmlab/model/decode.py
     outputs: list[list[int]] = [[] for _ in range(B)]
     rows = list(range(B))  # original index of each live batch row
     stop = torch.tensor(sorted(set(cfg.stop_ids)) or [-1], device=device)
     for _ in range(cfg.max_new_tokens):
-        next_ids = sample_next(logits[:, -1], cfg.sampling, generator, seen)
-        ended = torch.isin(next_ids, stop)
+        next_ids = sample_next(logits, cfg.sampling, generator, seen)
+        ended = torch.isin(next_ids, stop).tolist()
         ids = next_ids.tolist()
         keep = []
         for j, row in enumerate(rows):
@@ -114,7 +117,7 @@ def generate_ids(
             rows = [rows[j] for j in keep]
         if seen is not None:
             seen.scatter_(1, next_ids[:, None], True)
-        logits = model(next_ids[:, None], cache=cache, last_only=True)
+        logits = fast.step(next_ids, cache) if fast else model(next_ids[:, None], cache=cache, last_only=True)[:, -1]
     return outputs
 
 
@@ -171,7 +174,7 @@ def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
     3x faster in fp32 there than in bf16 (measured), and the cache of a small model is small."""
     if device.type == "cpu":
         return torch.float32
-    return model.tok_embeddings.weight.dtype
+    return linear_dtype(model.output)
 
 
 def _prefill(model: Transformer, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(c.dim, c.hidden_dim, bias=c.mlp_bias)
         self.w2 = nn.Linear(c.hidden_dim, c.dim, bias=c.mlp_bias)
         self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=c.mlp_bias) if self.swiglu or self.geglu else None
+        self.w13: nn.Module | None = None  # w1|w3 in one matmul, set for inference by quantize.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, -1)
+            gate = F.silu(gate) if self.swiglu else F.gelu(gate, approximate=self.approximate)
+            return self.w2(gate * up)
         if self.swiglu:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         if self.geglu:

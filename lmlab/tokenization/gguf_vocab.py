@@ -6,7 +6,7 @@ Two kinds, by `tokenizer.ggml.model`:
   "llama" SentencePiece BPE from tokens + scores + token types, rebuilt as a real `.model`.
 `gguf.GGUFReader` parses every string of the vocabulary into numpy views (about 1.5 s for
 SmolLM2's 49k tokens + 49k merges), so `read_gguf_metadata` walks only the key/value header with
-`struct` (lmlab.weights.gguf_reader), which takes a few tens of milliseconds.
+`struct` (lmlab.gguf_file), which takes a few tens of milliseconds.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from lmlab.errors import CheckpointError
 from lmlab.tokenization.base import Tokenizer
 from lmlab.tokenization.hf import HFTokenizer, byte_level_tokenizer
 from lmlab.tokenization.spm import BYTE, CONTROL, USER_DEFINED, SentencePieceTokenizer, sentencepiece_proto
-from lmlab.weights.gguf_reader import read_kv
+from lmlab.gguf_file import read_kv
 
-# ---- the GGUF key/value header (walked by lmlab.weights.gguf_reader)
+# ---- the GGUF key/value header (walked by lmlab.gguf_file)
 
 def read_gguf_metadata(path: str | Path, prefixes: tuple[str, ...] = ("tokenizer.", "general.")) -> dict[str, Any]:
     """The metadata values whose keys start with one of `prefixes` (others are skipped, not decoded)."""
@@ -147,4 +147,4 @@ def _sentencepiece(meta: Mapping[str, Any], where: str) -> SentencePieceTokenize
                                 precompiled_charsmap=bytes(charsmap) if charsmap else None)
     if not any(k == BYTE for k in types):
         warnings.warn(f"{where}: no byte tokens; characters outside the vocabulary encode as <unk>", stacklevel=3)
-    return SentencePieceTokenizer(proto, source=where)
+    return SentencePieceTokenizer(proto, source=where, special_in_text=True)

@@ -28,14 +28,17 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 class SentencePieceTokenizer(Tokenizer):
     """A `.model` file. decode() drops control ids (bos/eos) and strips the dummy-prefix space.
 
-    Control pieces written in the text (Gemma's `<start_of_turn>`, `<bos>`) encode as their own id, as
-    Hugging Face's added special tokens and llama.cpp's parse_special do; the sentencepiece library
+    With `special_in_text` (vocabularies read from GGUF, where llama.cpp's rules are the reference), control
+    and user-defined pieces written in the text (Gemma's `<start_of_turn>`, `<bos>`, runs of spaces) encode
+    as their own id, as Hugging Face's added tokens and llama.cpp's parse_special do; a `.model` file keeps
+    the sentencepiece library's behaviour; the sentencepiece library
     itself never matches control pieces, which would split a chat template's markers into characters."""
 
     kind = "sentencepiece"
 
-    def __init__(self, model_proto: bytes, source: str = "<memory>"):
+    def __init__(self, model_proto: bytes, source: str = "<memory>", special_in_text: bool = False):
         self.model_proto = model_proto
+        self.special_in_text = special_in_text
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
@@ -65,7 +68,7 @@ class SentencePieceTokenizer(Tokenizer):
         return re.compile("|".join(map(re.escape, pieces))) if pieces else None
 
     def _encode(self, text: str) -> list[int]:
-        pattern = self._control_pattern
+        pattern = self._control_pattern if self.special_in_text else None
         if pattern is None:
             return self.sp.encode(text)
         ids, start = [], 0

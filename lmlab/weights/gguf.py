@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp's format) with Llama-family architectures: config, weights and tokenizer.
 
-Read with the `gguf` package. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K (what Q4_K_M
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K (what Q4_K_M
 and friends mix) are decoded by lmlab.weights.gguf_quants, in torch, bit for bit equal to the package's
 `gguf.quants.dequantize`, which decodes the rarer types (IQ*, TQ*, MXFP4). Supported architectures:
 - `llama` (Llama, Mistral, SmolLM, TinyLlama...): llama.cpp's convert_hf_to_gguf.py already permutes
@@ -11,13 +11,18 @@ and friends mix) are decoded by lmlab.weights.gguf_quants, in torch, bit for bit
   the norm weights already hold Gemma's 1 + w (convert_hf_to_gguf.py adds the 1), which is lmlab's
   convention too. Local/global layers, their RoPE bases and the window come from the metadata, with
   llama.cpp's defaults (every 6th layer global, local base 10000) where the file leaves them out.
-The header is walked by lmlab.weights.gguf_reader (gguf.GGUFReader spends 17 s on Gemma 3's 262k-token
-vocabulary). The tokenizer lives in the file's metadata (`tokenizer.ggml.*`) and is built by
-lmlab.tokenization.
+The header is walked by lmlab.gguf_file (gguf.GGUFReader spends 17 s on Gemma 3's 262k-token
+vocabulary). This module dequantizes every tensor (`load_gguf`, the exact path); lmlab.weights.gguf_packed
+keeps Q4_0/Q4_1/Q4_K/Q8_0 packed for the matmul from the same reader and metadata (`quantize="auto"`).
+The tokenizer lives in the file's metadata (`tokenizer.ggml.*`) and is built by lmlab.tokenization.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ from lmlab.model.config import ModelConfig
 from lmlab.tokenization import tokenizer_from_gguf
 from lmlab.weights import gguf_quants
 from lmlab.weights.build import to_interleaved
-from lmlab.weights.gguf_reader import GGUFFile
+from lmlab.gguf_file import GGUFFile
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
 ROTATE_HALF_ARCHS = ("qwen2", "gemma3")  # q/k rows stored in Hugging Face's layout (llama.cpp NEOX RoPE)
@@ -48,20 +53,35 @@ TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "o
 IGNORED = ("rope_freqs",)  # llama.cpp's precomputed RoPE table: lmlab computes its own
 
 
+@functools.cache
 def supported_quant_types() -> list[str]:
     """The tensor types `gguf.quants.dequantize` can turn back into floats."""
     return sorted({"F32", "F16"} | {t.name for t in gguf.quants._type_traits})
 
 
 def open_gguf(path: str | Path) -> GGUFFile:
-    """The file's metadata and tensors (lmlab.weights.gguf_reader), file errors as CheckpointError."""
+    """The file's metadata and tensors (lmlab.gguf_file), file errors as CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (expected a .gguf file)")
     try:
-        return GGUFFile(path)
+        with gc_paused():
+            return GGUFFile(path)
     except (ValueError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable GGUF file ({err}); it may be truncated") from None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection while a file's ~200k small metadata objects are made: the collector's passes
+    over them cost more than the parsing itself (measured 3x)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def field(reader: Any, key: str, default: Any = None) -> Any:
@@ -165,6 +185,18 @@ def lmlab_name(gguf_name: str) -> str | None:
     raise CheckpointError(f"unknown GGUF tensor {gguf_name!r}")
 
 
+def interleave_heads(arch: str, name: str, config: ModelConfig) -> int | None:
+    """The head count to permute a tensor's rows with (rotate-half -> interleaved), or None to keep it:
+    q/k projections of the rotate-half architectures, and their q/k norms (one head's channels)."""
+    if arch not in ROTATE_HALF_ARCHS:
+        return None
+    if name.endswith(("wq.weight", "wq.bias", "wk.weight", "wk.bias")):
+        return config.n_heads if ".wq." in name else config.n_kv_heads
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return 1
+    return None
+
+
 def dequantize_tensor(t: Any) -> torch.Tensor:
     """One tensor of a GGUFFile as an fp32 (or its stored F16/BF16) torch tensor, shaped (out, in)."""
     kind = t.tensor_type.name
@@ -177,12 +209,16 @@ def dequantize_tensor(t: Any) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))  # IQ*, TQ*, MXFP4, ...
 
 
-def gguf_state(reader: Any, config: ModelConfig, path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to `dtype`, under lmlab's names (two threads: numpy releases the GIL)."""
+def gguf_state(
+    reader: Any, config: ModelConfig, path: str | Path, dtype: torch.dtype, tensors: list[Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor (or those in `tensors`) dequantized to `dtype`, under lmlab's names (two threads:
+    torch's decoding releases the GIL)."""
 
     arch = field(reader, "general.architecture")
     supported = supported_quant_types()
-    for t in reader.tensors:
+    tensors = reader.tensors if tensors is None else tensors
+    for t in tensors:
         if t.tensor_type.name not in supported:
             raise CheckpointError(
                 f"{path}: tensor {t.name} has quantization {t.tensor_type.name}, which cannot be dequantized; "
@@ -197,15 +233,13 @@ def gguf_state(reader: Any, config: ModelConfig, path: str | Path, dtype: torch.
         if name is None:
             return None, None
         tensor = dequantize_tensor(t)  # (out, in)
-        if arch in ROTATE_HALF_ARCHS and name.endswith(("wq.weight", "wq.bias", "wk.weight", "wk.bias")):
-            heads = config.n_heads if ".wq." in name else config.n_kv_heads
+        heads = interleave_heads(arch, name, config)
+        if heads:
             tensor = to_interleaved(tensor, heads).contiguous()
-        elif arch in ROTATE_HALF_ARCHS and name.endswith(("q_norm.weight", "k_norm.weight")):
-            tensor = to_interleaved(tensor, 1).contiguous()  # one head's channels, as the rows above
         return name, tensor if tensor.dtype == dtype else tensor.to(dtype)
 
     with ThreadPoolExecutor(2) as pool:
-        pairs = list(pool.map(convert, reader.tensors))
+        pairs = list(pool.map(convert, tensors))
     return {name: tensor for name, tensor in pairs if name is not None}
 
 
@@ -224,5 +258,5 @@ def gguf_tokenizer(reader: Any) -> Any:
     """The tokenizer stored in the file's metadata (built by lmlab.tokenization), or None without one."""
     if "tokenizer.ggml.model" not in reader.fields:
         return None
-
-    return tokenizer_from_gguf(reader)
+    with gc_paused():
+        return tokenizer_from_gguf(reader)

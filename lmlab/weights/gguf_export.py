@@ -14,12 +14,11 @@ The inverse of lmlab/weights/gguf.py, in llama.cpp's own conventions (its conver
   from the model proto so user-defined pieces keep their type), byte-level BPE as `gpt2` (tokens,
   merges, types, and the `tokenizer.ggml.pre` name whose split llama.cpp reproduces), plus the special
   ids, add_bos and the chat template. The vocabulary is padded with `[PADn]` to the embedding's rows.
-A model with LoRA adapters is merged first (lmlab.adapters.lora.merge_and_unload, on a copy).
+A model must come with its LoRA adapters merged (`lmlab convert --adapter` merges them before the export).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from lmlab.adapters.lora import lora_modules, merge_and_unload
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write
 from lmlab.model.config import ModelConfig
@@ -197,12 +195,13 @@ def _tokenizer_metadata(w: gguf.GGUFWriter, tok: Any, n_vocab: int) -> None:
 
 
 def save_gguf(model: nn.Module, path: str | Path, tokenizer: Any = None, kind: str = "f16") -> Path:
-    """Write `model` (merged first if it carries LoRA adapters) and its tokenizer as one GGUF file."""
+    """Write `model` and its tokenizer as one GGUF file. LoRA adapters must be merged first
+    (lmlab.adapters.lora.merge_and_unload): GGUF has no place for them."""
     if kind not in GGUF_TYPES:
         raise ConfigError(f"--type {kind!r}: expected one of {sorted(GGUF_TYPES)}")
     raw = unwrap(model)
-    if any(True for _ in lora_modules(raw)):
-        raw = merge_and_unload(copy.deepcopy(raw))
+    if any(".lora_" in name for name, _ in raw.named_parameters()):
+        raise ConfigError("the model carries LoRA adapters: merge them first (lmlab convert --adapter DIR does)")
     c = raw.config
     family = hf_family(c)
     if family not in ARCHS:
