@@ -19,7 +19,7 @@ import torch
 
 from lmlab.paths import gemma3_gguf
 from lmlab.weights.gguf_quants import FORMATS, dequantize
-from lmlab.weights.gguf_reader import GGUFFile
+from lmlab.gguf_file import GGUFFile
 from lmlab.weights.loading import load_model
 
 
