@@ -190,8 +190,9 @@ def test_gemma3_perplexity_command(gemma, gemma3_gguf, capsys) -> None:
     data = data_dir() / "wikitext-2" / "test.txt"
     out = json.loads(_cli(capsys, "perplexity", str(gemma3_gguf), "--data", str(data), "--max-tokens", "1024",
                           "--context", "768", "--json"))
-    ids = gemma.tokenizer.encode(evaluate.read_eval_text(data, "text"), bos=True)[:1024]
-    expected = evaluate.sliding_window_perplexity(gemma.model, ids, context=768, stride=384)
+    (text,) = evaluate.read_eval_documents(data, "text")  # WikiText: one document
+    ids = gemma.tokenizer.encode(text, bos=True)[:1024]
+    expected = evaluate.documents_perplexity(gemma.model, [ids], context=768, stride=384)
     assert out["n_tokens"] == expected.n_tokens and out["ppl"] == pytest.approx(expected.ppl, rel=1e-6)
     assert 5 < out["ppl"] < 100
 
