@@ -1,28 +1,51 @@
-"""Generation speed: lmlab vs transformers (vs llama-cpp-python when installed) on the same weights.
+"""Generation speed, memory and quality: lmlab vs llama.cpp (llama-cpp-python) on the same GGUF, in one run.
 
-SmolLM2-135M-Instruct (the embedded Q4_1 GGUF, dequantized), a 208-token prompt, 128 greedy new
-tokens. Reports prompt tokens/s (prefill), decode tokens/s at batch 1 and batch 8 (total over the
-batch), the ratios, and appends the table to benchmarks/RESULTS.md with --record.
+SmolLM2-135M-Instruct (the embedded Q4_1 GGUF), a 208-token prompt, 128 greedy new tokens. Engines:
+- `lmlab` with its default settings (`lmlab generate` = `--quantize auto`: the file's Q4_1 blocks as packed
+  int4, its Q8_0 embedding as the int8 output head, bf16 activations, the few-call decode step);
+- `lmlab int8` (`--quantize int8`: dequantized and requantized per channel, the previous fast setting);
+- `llama.cpp` (llama-cpp-python, the same file, as many threads as torch uses);
+- with --all also `lmlab bf16` (`--quantize none`) and transformers (fp32, its own GGUF reader).
+Each round runs every engine once (interleaved: the machine is shared, a noisy neighbour hurts all alike);
+the table shows medians over rounds. Reported: prefill tokens/s (208 / time to the first token), decode
+tokens/s at batch 1 and batch 8 (total over the batch; llama-cpp-python decodes one sequence), load time
+(file -> ready model and tokenizer in a fresh process, after the imports; median of the rounds), resident
+memory (that process's RSS after loading and generating minus its RSS after the imports; peak in brackets) and memory-bandwidth
+utilisation (bytes of weights read per token x batch-1 tokens/s / the copy bandwidth measured in this run,
+counted as bytes read + written per second, as STREAM does).
 
-    python benchmarks/generate.py [--skip-transformers] [--record]
+With --quality: WikiText-2 test perplexity (first --ppl-tokens tokens, windows of 512) and greedy
+continuations of 5 prompts for 32 tokens, lmlab default vs the same GGUF dequantized to fp32.
+
+    python benchmarks/generate.py [--rounds 5] [--quality] [--all] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from lmlab.generation.generate import GenerationConfig, generate_ids
+from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
 from lmlab.generation.sampling import SamplingConfig
-from lmlab.model.quantize import quantize_int8
 from lmlab.paths import data_dir, smollm2_gguf
 from lmlab.weights.loading import load_model
 
 PROMPT_TOKENS, NEW_TOKENS = 208, 128
+SPEC = "smollm2-135m-instruct"
+LMLAB = {"lmlab": "auto", "lmlab int8": "int8", "lmlab bf16": "none"}  # engine -> --quantize
+QUALITY_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a little robot",
+                   "Give three tips for staying healthy.", "The theory of relativity says that"]
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADING = "## Generation"
 
 
 def make_prompt(tokenizer) -> list[int]:
@@ -32,116 +55,252 @@ def make_prompt(tokenizer) -> list[int]:
     return ids
 
 
-def _best(fn, repeats: int = 2) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes read + written per second by one large tensor copy with torch's threads (best of `repeats`)."""
+    src = torch.ones(mb << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.numel() / best
 
 
-def bench_lmlab(dtype: torch.dtype, prompt: list[int], int8: bool = False) -> dict[str, float]:
-    model = load_model("smollm2-135m-instruct", dtype=dtype).model
-    if int8:
-        quantize_int8(model, dtype)
-
-    def run(batch: int, n: int) -> None:
-        out = generate_ids(model, [prompt] * batch, GenerationConfig(n, SamplingConfig(temperature=0)))
-        assert all(len(o) == n for o in out)
-
-    return _measure(run)
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
-def _measure(run) -> dict[str, float]:
-    """prefill = time to first token; decode = (time for 1+N tokens - prefill) per token."""
-    res = {}
-    prefill = _best(lambda: run(1, 1))
-    res["prompt_tok_s"] = PROMPT_TOKENS / prefill
-    for batch in (1, 8):
-        first = prefill if batch == 1 else _best(lambda: run(batch, 1))
-        total = _best(lambda: run(batch, NEW_TOKENS + 1), repeats=1)
-        res[f"decode_b{batch}_tok_s"] = batch * NEW_TOKENS / (total - first)
-    return res
+# ---- engines: each loads once, then `run(batch)` returns (prefill s, decode tokens/s total)
+
+class Lmlab:
+    def __init__(self, quantize: str) -> None:
+        self.quantize = quantize
+        self.load_s = _timed(self._load)
+        self.weight_bytes = _weight_bytes(self.model)
+
+    def _load(self) -> None:
+        loaded = load_model(SPEC, quantize=self.quantize, dtype="bf16")
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+
+    def run(self, prompt: list[int], batch: int) -> tuple[float, float]:
+        stamps: list[float] = []
+        cfg = GenerationConfig(NEW_TOKENS, SamplingConfig(temperature=0))
+        t0 = time.perf_counter()
+        out = generate_ids(self.model, [prompt] * batch, cfg, on_token=lambda row, _t: row == 0 and stamps.append(
+            time.perf_counter()))
+        assert all(len(o) == NEW_TOKENS for o in out)
+        return stamps[0] - t0, batch * (NEW_TOKENS - 1) / (stamps[-1] - stamps[0])
 
 
-def bench_transformers(prompt: list[int]) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM
-
-    path = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
-    model.eval()
-
-    def run(batch: int, n: int) -> None:
-        ids = torch.tensor([prompt] * batch)
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0)
-        assert out.shape[1] == PROMPT_TOKENS + n
-
-    return _measure(run)
-
-
-def bench_llama_cpp(prompt: list[int]) -> dict[str, float] | None:
-    try:
+class LlamaCpp:
+    def __init__(self) -> None:
         from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(str(smollm2_gguf()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
 
-    def run(batch: int, n: int) -> None:
-        assert batch == 1
-        llm.reset()
-        out = []
-        for tok in llm.generate(prompt, temp=0.0, reset=True):
-            out.append(tok)
-            if len(out) == n:
+        self.cls = Llama
+        self.load_s = _timed(self._load)
+        self.weight_bytes = sum(t.n_bytes for t in _gguf_tensors())  # token_embd doubles as the output head
+
+    def _load(self) -> None:
+        self.llm = self.cls(str(smollm2_gguf()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+    def run(self, prompt: list[int], batch: int) -> tuple[float, float] | None:
+        if batch != 1:
+            return None
+        self.llm.reset()  # no prompt-prefix reuse from the previous run
+        stamps = []
+        t0 = time.perf_counter()
+        for _tok in self.llm.generate(prompt, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == NEW_TOKENS:
                 break
+        return stamps[0] - t0, (NEW_TOKENS - 1) / (stamps[-1] - stamps[0])
 
-    prefill = _best(lambda: run(1, 1))
-    total = _best(lambda: run(1, NEW_TOKENS + 1), repeats=1)
-    return {"prompt_tok_s": PROMPT_TOKENS / prefill, "decode_b1_tok_s": NEW_TOKENS / (total - prefill)}
 
+class Transformers:
+    def __init__(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        path = smollm2_gguf()
+        t = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        self.load_s = time.perf_counter() - t
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def run(self, prompt: list[int], batch: int) -> tuple[float, float]:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        ids = torch.tensor([prompt] * batch)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                                logits_processor=LogitsProcessorList([Stamp()]))
+        return stamps[0] - t0, batch * (NEW_TOKENS - 1) / (stamps[-1] - stamps[0])
+
+
+def _gguf_tensors():
+    from lmlab.weights.gguf import open_gguf
+
+    return open_gguf(smollm2_gguf()).tensors
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every parameter and buffer once (a tied table once), the embedding table
+    excepted when it is not also the output head (a lookup reads one row)."""
+    head = getattr(model.output, "weight", None) if hasattr(model.output, "weight") else None
+    skip = set()
+    emb = model.tok_embeddings
+    if getattr(emb, "weight", None) is not None and emb.weight is not head:
+        skip.add(id(emb.weight))
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen or id(t) in skip or t.dtype == torch.float64:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def make_engine(name: str):
+    if name in LMLAB:
+        return Lmlab(LMLAB[name])
+    return LlamaCpp() if name == "llama.cpp" else Transformers()
+
+
+# ---- resident memory, in a fresh process per engine
+
+def fresh_probe(name: str, prompt: list[int]) -> None:
+    """Run in a fresh process: print the load time (after the imports, so one-time costs inside the load
+    count), RSS after the imports, after loading + generating, and the peak (MB)."""
+    if name == "llama.cpp":
+        import llama_cpp  # noqa: F401
+    base = _rss()
+    engine = make_engine(name)
+    engine.run(prompt, 1)
+    print(json.dumps({"load_s": engine.load_s, "base_mb": base["VmRSS"], "rss_mb": _rss()["VmRSS"],
+                      "peak_mb": _rss()["VmHWM"]}))
+
+
+def _rss() -> dict[str, float]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def fresh_process(name: str, prompt: list[int]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--probe", name, "--prompt-ids", json.dumps(prompt)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- quality of the fast path against the fp32-dequantized file
+
+def quality(ppl_tokens: int) -> list[str]:
+    from lmlab.evaluation.evaluate import sliding_window_perplexity
+
+    ref = load_model(SPEC)  # dequantized to fp32, plain forward
+    fast = load_model(SPEC, quantize="auto", dtype="bf16")
+    tok = ref.tokenizer
+    ids = tok.encode((data_dir() / "wikitext-2" / "test.txt").read_text())[:ppl_tokens]
+    ppl = {name: sliding_window_perplexity(m.model, ids, 512, 512).ppl for name, m in (("fp32", ref), ("lmlab", fast))}
+    lines = [f"WikiText-2 test, first {len(ids):,} tokens, windows of 512: perplexity fp32-dequantized "
+             f"{ppl['fp32']:.3f}, lmlab default {ppl['lmlab']:.3f} ({100 * (ppl['lmlab'] / ppl['fp32'] - 1):+.2f}%; "
+             "target within 1%)"]
+    cfg = GenerationConfig(32, SamplingConfig(temperature=0))
+    equal = 0
+    for text in QUALITY_PROMPTS:
+        prompt = encode_prompt(tok, text, chat=False)
+        want, got = generate_ids(ref.model, [prompt], cfg)[0], generate_ids(fast.model, [prompt], cfg)[0]
+        if want == got:
+            equal += 1
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(want, got)) if a != b)
+        lines.append(f"greedy {text!r}: first divergence at token {i}: fp32 {tok.decode(want[i:i + 6])!r} vs "
+                     f"lmlab {tok.decode(got[i:i + 6])!r} (common prefix {tok.decode(want[:i])!r})")
+    lines.insert(1, f"greedy continuations, 32 tokens: {equal} of {len(QUALITY_PROMPTS)} prompts equal to fp32")
+    return lines
+
+
+# ---- the run
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--skip-transformers", action="store_true")
-    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--all", action="store_true", help="also lmlab bf16 and transformers fp32")
+    ap.add_argument("--quality", action="store_true", help="perplexity and greedy equality vs fp32")
+    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--record", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    tok = load_model("smollm2-135m-instruct").tokenizer
-    prompt = make_prompt(tok)
-    rows = {"lmlab int8": bench_lmlab(torch.bfloat16, prompt, int8=True),
-            "lmlab bf16": bench_lmlab(torch.bfloat16, prompt), "lmlab fp32": bench_lmlab(torch.float32, prompt)}
-    if not args.skip_transformers:
-        rows["transformers fp32"] = bench_transformers(prompt)
-    cpp = bench_llama_cpp(prompt)
-    if cpp:
-        rows["llama.cpp Q4_1"] = cpp
-    cols = ["prompt_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
-    lines = [f"| engine | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" if c in r else "-" for c in cols) + " |")
-    ratios = []
-    if "transformers fp32" in rows:
-        ref = rows["transformers fp32"]
-        for name in ("lmlab int8", "lmlab bf16"):
-            for c in cols:
-                ratios.append(f"{name} / transformers fp32, {c}: {rows[name][c] / ref[c]:.2f}x")
-    if cpp:
-        for name in ("lmlab int8", "lmlab bf16"):
-            ratios.append(
-                f"{name} batch-8 total / llama.cpp batch-1: {rows[name]['decode_b8_tok_s'] / cpp['decode_b1_tok_s']:.2f}x"
-            )
-    report = "\n".join(lines + [""] + [f"- {r}" for r in ratios])
+    if args.probe:
+        return fresh_probe(args.probe, json.loads(args.prompt_ids))
+    names = ["lmlab", "lmlab int8", "llama.cpp"] + (["lmlab bf16", "transformers"] if args.all else [])
+    engines = {name: make_engine(name) for name in names}
+    prompt = make_prompt(engines["lmlab"].tokenizer)
+    results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    bandwidth, memory = [], {}
+    for _ in range(args.rounds):
+        bandwidth.append(copy_bandwidth())
+        for name, engine in engines.items():
+            r = results[name]
+            if name != "transformers":  # 15+ s per load: loaded once, in this process
+                memory[name] = fresh_process(name, prompt)
+                r.setdefault("load_s", []).append(memory[name]["load_s"])
+            prefill, b1 = engine.run(prompt, 1)
+            r.setdefault("prefill", []).append(PROMPT_TOKENS / prefill)
+            r.setdefault("b1", []).append(b1)
+            b8 = engine.run(prompt, 8)
+            if b8 is not None:
+                r.setdefault("b8", []).append(b8[1])
+    results.get("transformers", {})["load_s"] = [engines["transformers"].load_s] if "transformers" in engines else []
+    bw = statistics.median(bandwidth)
+    report = _report(engines, results, memory, bw, args)
+    if args.quality:
+        report += "\n" + "\n".join(f"- {line}" for line in quality(args.ppl_tokens)) + "\n"
     print(report)
     if args.record:
-        header = (f"\n## Generation ({time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} threads, torch {torch.__version__})\n\n"
-                  f"SmolLM2-135M-Instruct, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy new tokens.\n\n")
-        path = Path(__file__).with_name("RESULTS.md")
-        with open(path, "a") as f:
-            f.write(header + report + "\n")
+        from train_throughput import write_section  # the sibling script's RESULTS.md section writer
+
+        write_section(report, HEADING)
+
+
+def _report(engines, results, memory, bw: float, args) -> str:
+    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
+    lines = [f"Device: cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load "
+             f"average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}; SmolLM2-135M-Instruct Q4_1 "
+             f"GGUF, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens; medians of {args.rounds} interleaved "
+             f"rounds; copy bandwidth {bw / 1e9:.1f} GB/s (read + write); command: `python benchmarks/generate.py"
+             f"{' --quality' if args.quality else ''}`", "",
+             "| engine | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 (total) | load s | "
+             "resident MB (peak) | weights MB read per token | bandwidth used |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in med.items():
+        mem = memory.get(name)
+        mem_s = f"{mem['rss_mb'] - mem['base_mb']:.0f} ({mem['peak_mb'] - mem['base_mb']:.0f})" if mem else "-"
+        wb = engines[name].weight_bytes
+        lines.append(f"| {name} | {r['prefill']:,.0f} | {r['b1']:.1f} | {r['b8']:.1f} | {r['load_s']:.2f} | {mem_s} | "
+                     f"{wb / 1e6:.0f} | {100 * wb * r['b1'] / bw:.0f}% |" if "b8" in r else
+                     f"| {name} | {r['prefill']:,.0f} | {r['b1']:.1f} | - | {r['load_s']:.2f} | {mem_s} | "
+                     f"{wb / 1e6:.0f} | {100 * wb * r['b1'] / bw:.0f}% |")
+    if "llama.cpp" in med:
+        cpp, ours = med["llama.cpp"], med["lmlab"]
+        mem_ratio = ((memory["lmlab"]["rss_mb"] - memory["lmlab"]["base_mb"])
+                     / (memory["llama.cpp"]["rss_mb"] - memory["llama.cpp"]["base_mb"]))
+        lines += ["", f"- lmlab (default settings) / llama.cpp: batch-1 decode {ours['b1'] / cpp['b1']:.2f}x "
+                  f"(target >= 1.0x), batch-8 total / llama.cpp batch 1 {ours['b8'] / cpp['b1']:.2f}x (target >= 4x), "
+                  f"prefill {ours['prefill'] / cpp['prefill']:.2f}x (target >= 3x), load {ours['load_s']:.2f} s vs "
+                  f"{cpp['load_s']:.2f} s (target <= 0.5 s), resident memory {mem_ratio:.2f}x (target <= 1.5x)"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

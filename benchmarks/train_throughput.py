@@ -98,7 +98,12 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     ap.add_argument("--lora", action="store_true", help="LoRA r8 on q,v: lmlab vs transformers+peft (see lora_main)")
+    ap.add_argument("--model", default="stories15m", choices=["stories15m", "smollm2-135m"],
+                    help="smollm2-135m: full fine-tuning, LoRA q/v and LoRA on every linear (see finetune_main)")
+    ap.add_argument("--context", type=int, default=128, help="tokens per sequence (--model smollm2-135m)")
     args = ap.parse_args()
+    if args.model == "smollm2-135m":
+        return finetune_main(args)
     if args.lora:
         return lora_main(args)
     device = resolve_device(args.device)
@@ -241,6 +246,124 @@ def lora_main(args) -> None:
     print(table)
     if not args.no_write:
         write_section(table, LORA_HEADING)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SmolLM2-135M: full fine-tuning vs LoRA (q/v and every linear), lmlab vs transformers+peft (issue 15)
+
+FINETUNE_HEADING = "## Fine-tuning throughput (SmolLM2-135M)"
+LORA_TARGETS = {"lora-qv": (["wq", "wv"], ["q_proj", "v_proj"]),
+                "lora-all": (["wq", "wk", "wv", "wo", "w1", "w2", "w3"],
+                             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+
+
+def smollm2_models(mode: str, device, dtype: str):
+    """(lmlab model, transformers model) of SmolLM2-135M's shape (random weights: speed does not depend on
+    them), both full or both with rank-16 adapters (alpha 32, no dropout, as the recipes) on `mode`'s targets."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmlab.adapters.lora import LoRAConfig, apply_lora, cast_frozen_weights
+
+    c = get_preset("smollm2-135m", dropout=0.0)
+    torch.manual_seed(0)
+    ours = Transformer(c).to(device)
+    cfg = LlamaConfig(hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+                      num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size,
+                      max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    theirs = LlamaForCausalLM(cfg).to(device)
+    if mode == "full":
+        return ours, theirs
+    from peft import LoraConfig, get_peft_model
+
+    targets, hf_targets = LORA_TARGETS[mode]
+    apply_lora(ours, LoRAConfig(rank=16, alpha=32, target_modules=targets))
+    cast_frozen_weights(ours, Precision(device, dtype).dtype)  # frozen weights kept in the matmul dtype
+    theirs = get_peft_model(theirs, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=hf_targets))
+    return ours, theirs
+
+
+def time_steps(impl: str, model, batches, precision, steps: int) -> float:
+    """Seconds for `steps` optimizer steps: lmlab through its own `fit`, transformers(+peft) through the
+    standard loop; both AdamW (fused) over the trainable parameters only, clipping at 1.0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    if impl == "lmlab":
+        cfg = FitConfig(max_steps=1, grad_clip=1.0, log_every=10**9, progress_bar=False)
+        data = lambda step, micro=0: batches[step % len(batches)]  # noqa: E731
+        fit(model, lm_loss, data, opt, Schedule(1e-5, 0, 1, kind="constant"), cfg, precision)  # warm-up
+        cfg.max_steps = 1 + steps
+        precision.synchronize()
+        t0 = time.perf_counter()
+        fit(model, lm_loss, data, opt, Schedule(1e-5, 0, 1, kind="constant"), cfg, precision, progress=Progress(step=1))
+        precision.synchronize()
+        return time.perf_counter() - t0
+
+    def step(batch):
+        with precision.autocast():
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    step(batches[0])  # warm-up
+    precision.synchronize()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    precision.synchronize()
+    return time.perf_counter() - t0
+
+
+def finetune_main(args) -> None:
+    """Tokens/s of full fine-tuning, LoRA q/v and LoRA on every linear, lmlab vs transformers+peft, per dtype.
+    Every round times all six once (interleaved: a noisy neighbour hurts all alike); each keeps its best round.
+    Targets (issue 15): LoRA q/v >= 1.3x lmlab's full step and >= 1.5x transformers+peft."""
+    device = resolve_device(args.device)
+    vocab, T = get_preset("smollm2-135m").vocab_size, args.context
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": x[:, :-1].to(device), "labels": x[:, 1:].to(device)}
+               for x in (torch.randint(0, vocab, (args.batch, T + 1), generator=g) for _ in range(4))]
+    tokens = args.steps * args.batch * T
+    modes = ["full", "lora-qv", "lora-all"]
+    rows = {}
+    for dtype in args.dtypes.split(","):
+        precision = Precision(device, dtype)
+        models = {(mode, impl): m for mode in modes
+                  for impl, m in zip(("lmlab", "transformers"), smollm2_models(mode, device, dtype))}
+        best = dict.fromkeys(models, float("inf"))
+        for _ in range(args.rounds):
+            for key, model in models.items():
+                best[key] = min(best[key], time_steps(key[1], model, batches, precision, args.steps))
+        for key, seconds in best.items():
+            rows[(dtype, *key)] = tokens / seconds
+        del models
+        r = {k[1:]: v for k, v in rows.items() if k[0] == dtype}
+        print(f"{dtype}: " + ", ".join(f"{m} {i} {r[(m, i)]:,.0f}" for m in modes for i in ("lmlab", "transformers"))
+              + " tok/s")
+    table = _finetune_table(rows, modes, device, args)
+    print(table)
+    if not args.no_write:
+        write_section(table, FINETUNE_HEADING)
+
+
+def _finetune_table(rows: dict, modes: list[str], device, args) -> str:
+    load = os.getloadavg()[0]
+    lines = [f"Device: {device.type} ({platform.machine()}, {torch.get_num_threads()} threads, load average {load:.1f} "
+             f"at the end); torch {torch.__version__}; SmolLM2-135M shape, batch {args.batch} x context "
+             f"{args.context}, AdamW over the trainable parameters, LoRA r 16 alpha 32 no dropout; best of "
+             f"{args.rounds} interleaved rounds of {args.steps} steps; command: `python benchmarks/"
+             f"train_throughput.py --model smollm2-135m --dtypes {args.dtypes}`", "",
+             "| dtype | mode | lmlab tokens/s | transformers(+peft) tokens/s | lmlab / transformers | "
+             "lmlab / lmlab full |", "|---|---|---:|---:|---:|---:|"]
+    for dtype in args.dtypes.split(","):
+        full = rows[(dtype, "full", "lmlab")]
+        for mode in modes:
+            ours, theirs = rows[(dtype, mode, "lmlab")], rows[(dtype, mode, "transformers")]
+            lines.append(f"| {dtype} | {mode} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x | {ours / full:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

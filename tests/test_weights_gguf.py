@@ -182,7 +182,7 @@ def test_unsupported_architecture(tmp_path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(CheckpointError, match=r"phi\.gguf: GGUF architecture 'phi2' is not supported; supported: \['llama', 'qwen2'\]"):
+    with pytest.raises(CheckpointError, match=r"phi\.gguf: GGUF architecture 'phi2' is not supported; supported: \['llama', 'qwen2', 'gemma3'\]"):
         load_model(tmp_path / "phi.gguf")
 
 

@@ -115,8 +115,10 @@ class LoRALinear(nn.Module):
         name = self.active
         if name is None:
             return out
-        lora = self.lora_b[name](self.lora_a[name](self.lora_dropout[name](x)))
-        return out + self.scaling[name] * lora
+        dropout = self.lora_dropout[name]
+        if self.training and isinstance(dropout, nn.Dropout):  # no dropout kernel at all when p = 0
+            x = F.dropout(x, dropout.p, training=True)
+        return lora_update(out, x, self.lora_a[name].weight, self.lora_b[name].weight, self.scaling[name])
 
     def _per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each group's (adapter name, batch rows; None = all rows) low-rank update, added to its rows."""
@@ -133,6 +135,27 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"adapters={list(self.lora_a)}, active={self.active!r}"
         )
+
+
+def lora_update(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """out + scaling * (x A^T) B^T in two matmuls, the second accumulating into out (one addmm: no
+    separate scale and add passes over the (tokens, out) result, forward or backward)."""
+    xa = F.linear(x, a).reshape(-1, a.shape[0])  # (tokens, r)
+    return torch.addmm(out.reshape(-1, out.shape[-1]), xa, b.t(), alpha=scaling).view(out.shape)
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the frozen linear weights (the base of LoRA training) in the matmul dtype, e.g. bf16 under bf16
+    autocast: autocast then has nothing to cast each step, and they take half the memory. Tied weights
+    (the embedding / output head) and trainable ones keep their dtype. Merging then rounds to `dtype`."""
+    shared = _shared_weights(unwrap(model))
+    for module in unwrap(model).modules():
+        if isinstance(module, (nn.Linear, LoRALinear)) and not module.weight.requires_grad \
+                and id(module.weight) not in shared and module.weight.dtype != dtype:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+    return model
 
 
 @dataclass
@@ -380,5 +403,6 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 __all__ = [
     "LoRAConfig", "LoRALinear", "LoRAState", "apply_lora", "add_adapter", "set_active_adapter",
     "active_adapter", "adapter_config", "lora_parameters", "lora_state_dict", "lora_modules", "lora_state",
-    "merge_lora", "unmerge_lora", "merge_and_unload", "disable_lora", "adapters_per_row",
+    "merge_lora", "unmerge_lora", "merge_and_unload", "disable_lora", "adapters_per_row", "cast_frozen_weights",
+    "lora_update",
 ]

@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer file/folder when the model has none beside it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: weight-only int8 linears (about 2x faster decoding on CPU; see lmlab/model/quantize.py)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="auto: keep a GGUF file's 4/8-bit weights quantized (packed int4 / int8 kernels) and fuse "
+                        "projections; none: float weights; int8 / int4: quantize any model (lmlab/model/quantize.py)")
     p.add_argument("--speculative", metavar="prompt-lookup|MODEL",
                    help="speculative decoding: n-gram prompt lookup, or a draft model with the same vocabulary")
     p.add_argument("--draft-tokens", type=at_least(1), default=5, help="draft tokens per speculative step")
@@ -140,11 +141,7 @@ def run(args: argparse.Namespace) -> None:
         check_output_file(args.out)  # before the model loads and the generation runs
     t0 = time.perf_counter()
     dtype = inference_dtype(args.dtype, args.device)
-    loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
-    if args.quantize == "int8":
-        from lmlab.model.quantize import quantize_int8
-
-        quantize_int8(loaded.model, dtype)  # computes in the resolved dtype (bf16 or fp32)
+    loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer, quantize=args.quantize)
     load_s = time.perf_counter() - t0
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p if args.temperature else None, min_p=args.min_p,

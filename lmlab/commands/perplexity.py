@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=1, help="windows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--quantize", default="none", choices=["none", "auto", "int8", "int4"],
+                   help="score the model as `lmlab generate --quantize` runs it (auto: a GGUF's 4/8-bit weights "
+                        "kept quantized, bf16 weights elsewhere)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
 
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, context=args.context, stride=args.stride, max_tokens=args.max_tokens,
         batch_size=args.batch_size, field=args.field, device=args.device, dtype=args.dtype, progress=not args.json,
         separator=args.separator,
+        quantize=args.quantize,
     )
     if args.json:
         print(json.dumps({**info, "nll": result.nll, "ppl": result.ppl, "n_tokens": result.n_tokens,

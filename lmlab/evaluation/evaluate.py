@@ -185,15 +185,17 @@ def read_eval_documents(path: str | Path, field: str = "text", column: str = "te
 def model_perplexity(
     spec: str, data: str | Path, *, context: int = 0, stride: int = 0, max_tokens: int = 0, batch_size: int = 1,
     field: str = "text", device: str = "cpu", dtype: str = "fp32", progress: bool = True, separator: str = "auto",
+    quantize: str = "none",
 ) -> tuple[PerplexityResult, dict[str, Any]]:
     """Load any model lmlab can load (`lmlab.weights.loading.load_model`) and measure its perplexity on a file.
 
     context 0 = the model's trained context, capped at 1024 (CPU time grows with it); stride 0 = context/2.
     Each document (see `read_eval_documents`) is tokenized on its own, with BOS where the tokenizer adds
-    one, and scored on its own windows; max_tokens caps the total.
+    one, and scored on its own windows; max_tokens caps the total. quantize: as `load_model`'s (the
+    weights then compute in bf16 where the hardware has it).
     """
 
-    loaded = load_model(spec, device=device)
+    loaded = load_model(spec, device=device, quantize=quantize)
     model, tok = loaded.model, loaded.require_tokenizer("put a tokenizer file beside it")
     model.eval()
     trained = _trained_context(model)
@@ -213,7 +215,7 @@ def model_perplexity(
                                   None if dtype == "fp32" else DTYPES[dtype], progress)
     info = dict(model=str(spec), source=str(getattr(loaded, "source", spec)), data=str(data), dtype=dtype,
                 device=device, trained_context=trained, tokenizer=type(tok).__name__, separator=separator,
-                bos_per_document=bos)
+                bos_per_document=bos, quantize=quantize)
     return result, info
 
 

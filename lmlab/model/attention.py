@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lmlab.model.config import ModelConfig
 from lmlab.model.kv_cache import KVCache
-from lmlab.model.norms import compute_dtype
+from lmlab.model.norms import RMSNorm, compute_dtype
 from lmlab.model.rope import apply_rotary_emb
 
 
@@ -76,13 +76,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.out_bias)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None  # per head, before RoPE
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.wqkv: nn.Module | None = None  # wq|wk|wv in one matmul, set for inference by quantize.fuse_projections
         self.dropout = c.dropout
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if ctx.cos is not None:
             q = apply_rotary_emb(q, ctx.cos, ctx.sin)
             if ctx.key_cos is None:  # keys carry their true position

@@ -20,7 +20,7 @@ from lmlab.fileio import atomic_write_text
 _CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
     "pos": ("rope", "learned", "none"),
-    "mlp": ("swiglu", "gelu"),
+    "mlp": ("swiglu", "geglu", "gelu"),
     "gelu_approximate": ("none", "tanh"),
     "rope_scaling": (None, "linear", "ntk"),
 }
@@ -93,9 +93,9 @@ class ModelConfig:
     rope_scaling_factor: float = 1.0
     """How many times the trained context the scaling targets."""
     mlp: str = "swiglu"
-    """swiglu (w2(silu(w1 x) * w3 x)) | gelu (w2(gelu(w1 x)))."""
+    """swiglu (w2(silu(w1 x) * w3 x)) | geglu (w2(gelu(w1 x) * w3 x), Gemma) | gelu (w2(gelu(w1 x)))."""
     gelu_approximate: str = "none"
-    """none (exact erf GELU) | tanh (GPT-2's gelu_new)."""
+    """none (exact erf GELU) | tanh (GPT-2's gelu_new, Gemma's gelu_pytorch_tanh)."""
     qkv_bias: bool = False
     """Biases on wq/wk/wv (GPT-2, Qwen2)."""
     out_bias: bool = False
@@ -118,6 +118,19 @@ class ModelConfig:
     window: int | None = None
     """Sliding attention window (recent positions each query sees, itself included). Default with
     sinks: max_seq_len - sink_tokens; without sinks: unlimited."""
+    global_every: int = 0
+    """With a window: every k-th layer (layers k-1, 2k-1, ...) attends to all positions and the others
+    through the window (Gemma 3: 6, five local layers per global one). 0 = every layer uses the window."""
+    rope_local_theta: float | None = None
+    """RoPE base of the windowed layers when global_every is set (Gemma 3: 10000; rope_theta and
+    rope_scaling are then the global layers'). Default rope_theta."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head (learned per channel) before RoPE (Gemma 3, Qwen3)."""
+    post_norms: bool = False
+    """Also normalise the outputs of attention and of the FFN before each residual add (Gemma 2/3's
+    "sandwich": x + norm(attn(norm(x))))."""
+    scale_embeddings: bool = False
+    """Multiply the token embeddings by sqrt(dim) (Gemma; in the embedding's dtype, as the reference)."""
 
     def __post_init__(self) -> None:
         for key in RANGES:
@@ -152,13 +165,22 @@ class ModelConfig:
             self.window = self.max_seq_len - self.sink_tokens
         if self.window is not None and self.window <= 0:
             raise ConfigError(f"model.window={self.window}: expected a positive integer")
+        if self.global_every < 0 or (self.global_every and (self.window is None or self.sink_tokens)):
+            raise ConfigError(f"model.global_every={self.global_every}: expected 0, or k > 0 with a window "
+                              "and no sink_tokens")
+        if self.rope_local_theta is None:
+            self.rope_local_theta = self.rope_theta
 
     def _derived_hidden_dim(self) -> int:
         hidden = int(self.ffn_mult * self.dim)
-        if self.mlp == "swiglu":  # 2/3 keeps the parameter count of a 4x GELU MLP (llama2.c model.py)
+        if self.mlp in ("swiglu", "geglu"):  # 2/3 keeps the parameter count of a 4x GELU MLP (llama2.c model.py)
             hidden = int(2 * hidden / 3)
             hidden = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         return hidden
+
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` attends through the window with the local RoPE base (see global_every)."""
+        return bool(self.global_every) and (layer + 1) % self.global_every != 0
 
     @property
     def kv_groups(self) -> int:

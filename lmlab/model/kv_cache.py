@@ -80,6 +80,18 @@ class KVCache:
         self.length = start + T
         return start, positions
 
+    def advance(self) -> tuple[int, torch.Tensor]:
+        """begin() for one real token per row, the decoding step, in three tensor calls instead of ~15:
+        the slot's key_mask is already True. Returns the slot and the positions (B,)."""
+        if self.streaming or self.length >= self.capacity:  # eviction, or begin's cache-full error
+            start, positions = self.begin(torch.ones(self.batch_size, 1, dtype=torch.bool, device=self.k.device))
+            return start, positions[:, 0]
+        start, positions = self.length, self.next_pos.clone()
+        self.slot_pos[:, start] = positions
+        self.next_pos += 1
+        self.length = start + 1
+        return start, positions
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, Hkv, T, D) at `start` into the first B rows; return their filled keys/values."""
         B, end = k.shape[0], start + k.shape[2]

@@ -53,7 +53,13 @@ class LayerNorm(nn.Module):
 
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default the residual width).
+
+    Gemma's checkpoints scale by (1 + weight); lmlab stores that sum as the weight itself (so does
+    llama.cpp's GGUF), which keeps one norm for every family: lmlab/weights/hf.py adds and subtracts
+    the 1 at the Hugging Face boundary."""
+    dim = config.dim if dim is None else dim
     if config.norm == "rmsnorm":
-        return RMSNorm(config.dim, config.norm_eps)
-    return LayerNorm(config.dim, config.norm_eps, bias=config.norm_bias)
+        return RMSNorm(dim, config.norm_eps)
+    return LayerNorm(dim, config.norm_eps, bias=config.norm_bias)

@@ -24,20 +24,28 @@ from lmlab.model.rope import rope_angles, rope_inv_freq
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x) (Shazeer 2020), or GELU MLP: w2(gelu(w1 x))."""
+    """SwiGLU: w2(silu(w1 x) * w3 x) (Shazeer 2020), GeGLU: w2(gelu(w1 x) * w3 x), or GELU MLP: w2(gelu(w1 x))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         c = config
         self.swiglu = c.mlp == "swiglu"
+        self.geglu = c.mlp == "geglu"
         self.approximate = c.gelu_approximate
         self.w1 = nn.Linear(c.dim, c.hidden_dim, bias=c.mlp_bias)
         self.w2 = nn.Linear(c.hidden_dim, c.dim, bias=c.mlp_bias)
-        self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=c.mlp_bias) if self.swiglu else None
+        self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=c.mlp_bias) if self.swiglu or self.geglu else None
+        self.w13: nn.Module | None = None  # w1|w3 in one matmul, set for inference by quantize.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, -1)
+            gate = F.silu(gate) if self.swiglu else F.gelu(gate, approximate=self.approximate)
+            return self.w2(gate * up)
         if self.swiglu:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.geglu:
+            return self.w2(F.gelu(self.w1(x), approximate=self.approximate) * self.w3(x))
         return self.w2(F.gelu(self.w1(x), approximate=self.approximate))
 
 
@@ -74,7 +82,8 @@ class MoEFeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); with post_norms (Gemma 2/3)
+    each branch output is normalised too: x + norm(attn(norm(x)))."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -83,8 +92,13 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config)
         self.feed_forward = MoEFeedForward(config) if config.n_experts else FeedForward(config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.post_attention_norm = make_norm(config) if config.post_norms else None
+        self.post_ffn_norm = make_norm(config) if config.post_norms else None
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if self.post_attention_norm is not None:
+            x = x + self.dropout(self.post_attention_norm(self.attention(self.attention_norm(x), ctx)))
+            return x + self.dropout(self.post_ffn_norm(self.feed_forward(self.ffn_norm(x))))
         x = x + self.dropout(self.attention(self.attention_norm(x), ctx))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
@@ -106,6 +120,9 @@ class Transformer(nn.Module):
         if c.pos == "rope":
             inv = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_scaling_factor)
             self.register_buffer("rope_inv_freq", inv.float(), persistent=False)
+            if c.global_every:  # the windowed layers' own base, unscaled (Gemma 3)
+                local = rope_inv_freq(c.head_dim, c.rope_local_theta)
+                self.register_buffer("rope_local_inv_freq", local.float(), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
             if name.endswith(("wo.weight", "w2.weight")):
@@ -168,6 +185,8 @@ class Transformer(nn.Module):
         else:
             ctx, positions = self._full_context(mask, B, T, tokens.device)
         x = self.tok_embeddings(tokens)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(self.config.dim**0.5, dtype=x.dtype)
         if self.pos_embeddings is not None:
             if int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(
@@ -176,19 +195,31 @@ class Transformer(nn.Module):
                 )
             x = x + self.pos_embeddings(positions)
         x = self.dropout(x)
-        for block in self.layers:
-            x = block(x, ctx)
+        if self.config.global_every:  # local layers: the window and their own RoPE base
+            local = self._local_context(ctx, mask, positions, T, tokens.device)
+            for i, block in enumerate(self.layers):
+                x = block(x, local if self.config.is_local(i) else ctx)
+        else:
+            for block in self.layers:
+                x = block(x, ctx)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
         return x if return_hidden else self.output(x)
 
-    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    def _angles(self, positions: torch.Tensor, local: bool = False) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         if self.config.pos != "rope":
             return None, None
         c = self.config
-        cos, sin = rope_angles(positions, self.rope_inv_freq, c.rope_scaling, c.rope_scaling_factor)
+        if local:
+            cos, sin = rope_angles(positions, self.rope_local_inv_freq)
+        else:
+            cos, sin = rope_angles(positions, self.rope_inv_freq, c.rope_scaling, c.rope_scaling_factor)
         return cos.unsqueeze(-2), sin.unsqueeze(-2)  # (B|1, T, 1, D/2)
+
+    def _window(self, local: bool) -> int | None:
+        """The window of a layer: with global_every only the local layers have one."""
+        return self.config.window if local or not self.config.global_every else None
 
     def _full_context(
         self, mask: torch.Tensor | None, B: int, T: int, device: torch.device
@@ -198,22 +229,26 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=device)[None]  # (1, T)
         else:
             positions = (mask.long().cumsum(1) - 1).clamp_min(0)  # left padding starts at 0
-        cos, sin = self._angles(positions)
-        if mask is None and self.config.window is None:
-            return AttnContext(cos, sin, None, is_causal=True), positions
+        return self._full_mask(mask, positions, T, device, local=False), positions
+
+    def _full_mask(self, mask: torch.Tensor | None, positions: torch.Tensor, T: int, device: torch.device,
+                   local: bool) -> AttnContext:
+        cos, sin = self._angles(positions, local)
+        window = self._window(local)
+        if mask is None and window is None:
+            return AttnContext(cos, sin, None, is_causal=True)
         idx = torch.arange(T, device=device)
-        attn = self._allowed(idx[:, None], idx[None, :], positions[..., :, None], positions[..., None, :])
+        attn = self._allowed(idx[:, None], idx[None, :], positions[..., :, None], positions[..., None, :], window)
         if mask is not None:
             attn = attn & mask[:, None, :]
         attn = attn | torch.eye(T, dtype=torch.bool, device=device)  # padded rows: no all-False row
-        return AttnContext(cos, sin, attn[:, None], is_causal=False), positions
+        return AttnContext(cos, sin, attn[:, None], is_causal=False)
 
-    def _allowed(self, q_slot, k_slot, q_pos, k_pos) -> torch.Tensor:
+    def _allowed(self, q_slot, k_slot, q_pos, k_pos, window: int | None) -> torch.Tensor:
         """Causal in slot order, plus the sliding window (by position) with sinks always visible."""
         allowed = k_slot <= q_slot
-        c = self.config
-        if c.window is not None:
-            allowed = allowed & ((q_pos - k_pos < c.window) | (k_pos < c.sink_tokens))
+        if window is not None:
+            allowed = allowed & ((q_pos - k_pos < window) | (k_pos < self.config.sink_tokens))
         return allowed
 
     def _cached_context(
@@ -222,33 +257,44 @@ class Transformer(nn.Module):
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=device)
         start, positions = cache.begin(mask)
-        S = start + T
+        return self._cached_mask(cache, start, positions, T, device, local=False), positions
+
+    def _cached_mask(self, cache: KVCache, start: int, positions: torch.Tensor, T: int, device: torch.device,
+                     local: bool) -> AttnContext:
+        B, S = positions.shape[0], start + T
         if cache.streaming:  # StreamingLLM: RoPE positions are cache slots
             slots = torch.arange(S, device=device)[None]
             cos, sin = self._angles(slots[:, start:])
             key_cos, key_sin = self._angles(slots)
         else:
-            cos, sin = self._angles(positions)
+            cos, sin = self._angles(positions, local)
             key_cos = key_sin = None
         ctx = AttnContext(cos, sin, None, is_causal=False, cache=cache, start=start, key_cos=key_cos, key_sin=key_sin)
-        window = self.config.window
+        window = self._window(local)
         simple = not cache.has_padding and (window is None or S <= window)
         if simple and T == 1:
-            return ctx, positions  # one new token sees every cached slot
+            return ctx  # one new token sees every cached slot
         if simple and start == 0:
             ctx.is_causal = True
-            return ctx, positions
+            return ctx
         q_slot = torch.arange(start, S, device=device)
         k_slot = torch.arange(S, device=device)
         if cache.streaming:  # distances are measured in slots, as RoPE sees them
             q_pos, k_pos = q_slot[None, :, None], k_slot[None, None, :]
         else:
             q_pos, k_pos = positions[:, :, None], cache.slot_pos[:B, None, :S]
-        attn = self._allowed(q_slot[:, None], k_slot[None, :], q_pos, k_pos)
+        attn = self._allowed(q_slot[:, None], k_slot[None, :], q_pos, k_pos, window)
         attn = attn & cache.key_mask[:B, None, :S]  # the cache's first B rows (it may hold more)
         attn[:, torch.arange(T, device=device), q_slot] = True  # padded rows: no all-False row
         ctx.mask = attn[:, None]
-        return ctx, positions
+        return ctx
+
+    def _local_context(self, ctx: AttnContext, mask: torch.Tensor | None, positions: torch.Tensor, T: int,
+                       device: torch.device) -> AttnContext:
+        """The windowed layers' context beside the global one `ctx` (same tokens, same cache slots)."""
+        if ctx.cache is None:
+            return self._full_mask(mask, positions, T, device, local=True)
+        return self._cached_mask(ctx.cache, ctx.start, positions, T, device, local=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

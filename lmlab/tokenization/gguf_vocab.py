@@ -6,13 +6,12 @@ Two kinds, by `tokenizer.ggml.model`:
   "llama" SentencePiece BPE from tokens + scores + token types, rebuilt as a real `.model`.
 `gguf.GGUFReader` parses every string of the vocabulary into numpy views (about 1.5 s for
 SmolLM2's 49k tokens + 49k merges), so `read_gguf_metadata` walks only the key/value header with
-`struct`, which takes a few tens of milliseconds.
+`struct` (lmlab.gguf_file), which takes a few tens of milliseconds.
 """
 
 from __future__ import annotations
 
 import mmap
-import struct
 import warnings
 from collections.abc import Mapping
 from functools import lru_cache
@@ -25,12 +24,9 @@ from lmlab.errors import CheckpointError
 from lmlab.tokenization.base import Tokenizer
 from lmlab.tokenization.hf import HFTokenizer, byte_level_tokenizer
 from lmlab.tokenization.spm import BYTE, CONTROL, USER_DEFINED, SentencePieceTokenizer, sentencepiece_proto
+from lmlab.gguf_file import read_kv
 
-# ---- the GGUF key/value header (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md)
-
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
+# ---- the GGUF key/value header (walked by lmlab.gguf_file)
 
 def read_gguf_metadata(path: str | Path, prefixes: tuple[str, ...] = ("tokenizer.", "general.")) -> dict[str, Any]:
     """The metadata values whose keys start with one of `prefixes` (others are skipped, not decoded)."""
@@ -38,53 +34,7 @@ def read_gguf_metadata(path: str | Path, prefixes: tuple[str, ...] = ("tokenizer
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file not found")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise CheckpointError(f"{path}: not a GGUF file (expected magic b'GGUF', found {bytes(buf[:4])!r})")
-        version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version < 2:
-            raise CheckpointError(f"{path}: GGUF version {version} is too old (expected 2 or 3)")
-        meta, off = {}, 24
-        try:
-            for _ in range(n_kv):
-                key, off = _read_string(buf, off)
-                (vtype,), off = struct.unpack_from("<I", buf, off), off + 4
-                value, off = _read_value(buf, off, vtype, keep=key.startswith(prefixes))
-                if value is not None:
-                    meta[key] = value
-        except (struct.error, ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: truncated or corrupt GGUF metadata at byte {off} ({err})") from err
-    return meta
-
-
-def _read_string(buf, off: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, off)
-    end = off + 8 + n
-    if end > len(buf):
-        raise ValueError(f"string of {n} bytes runs past the end of the file")
-    return buf[off + 8:end].decode("utf-8", errors="replace"), end
-
-
-def _read_value(buf, off: int, vtype: int, keep: bool) -> tuple[Any, int]:
-    if vtype == _STRING:
-        return _read_string(buf, off)
-    if vtype != _ARRAY:
-        fmt = "<" + _SCALAR[vtype]
-        return struct.unpack_from(fmt, buf, off)[0], off + struct.calcsize(fmt)
-    etype, count = struct.unpack_from("<IQ", buf, off)
-    off += 12
-    if etype == _STRING:
-        items = []
-        for _ in range(count):  # each string carries its own length: no way but to walk them
-            (n,) = struct.unpack_from("<Q", buf, off)
-            if keep:
-                items.append(buf[off + 8:off + 8 + n].decode("utf-8", errors="replace"))
-            off += 8 + n
-        return (items if keep else None), off
-    if etype == _ARRAY:
-        raise ValueError("nested GGUF arrays are not supported")
-    fmt = f"<{count}{_SCALAR[etype]}"
-    size = struct.calcsize(fmt)
-    return (list(struct.unpack_from(fmt, buf, off)) if keep else None), off + size
+        return read_kv(buf, path, prefixes)[0]
 
 
 def metadata_from_reader(reader) -> dict[str, Any]:
@@ -141,7 +91,8 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
-def _pre_tokenizer(pre: str, where: str):
+def pre_tokenizer(pre: str, where: str):
+    """The pre-tokenizer (regex splits, then byte-level) llama.cpp uses for `tokenizer.ggml.pre`, and its ignore_merges."""
     if pre not in PRE_TOKENIZERS:
         warnings.warn(f"{where}: unknown tokenizer.ggml.pre {pre!r}; splitting with the GPT-2 regex", stacklevel=3)
         pre = "gpt-2"
@@ -170,7 +121,7 @@ def _byte_level(meta: Mapping[str, Any], where: str) -> HFTokenizer:
         if not alphabet.issuperset(t):
             tokens[i] = "".join(mapping[b] for b in t.encode("utf-8"))
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    pre, ignore_merges = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
+    pre, ignore_merges = pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), where)
     tok = byte_level_tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                                           ignore_merges=ignore_merges), pre)
     types = meta.get("tokenizer.ggml.token_type") or []
@@ -196,4 +147,4 @@ def _sentencepiece(meta: Mapping[str, Any], where: str) -> SentencePieceTokenize
                                 precompiled_charsmap=bytes(charsmap) if charsmap else None)
     if not any(k == BYTE for k in types):
         warnings.warn(f"{where}: no byte tokens; characters outside the vocabulary encode as <unk>", stacklevel=3)
-    return SentencePieceTokenizer(proto, source=where)
+    return SentencePieceTokenizer(proto, source=where, special_in_text=True)

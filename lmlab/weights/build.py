@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from lmlab.errors import CheckpointError
 from lmlab.model.config import ModelConfig
+from lmlab.model.quantize import Int8Weight, PackedInt4, install_quantized
 from lmlab.model.transformer import Transformer
 
 
@@ -43,17 +44,23 @@ def build_model(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    quantized: dict[str, PackedInt4 | Int8Weight] | None = None,
+    quantized_dtype: torch.dtype = torch.bfloat16,
 ) -> Transformer:
     """A ready eval-mode model whose parameters *are* the tensors of `state` (cast to `dtype` if given).
 
-    Names and shapes are checked against the config first (errors name `source` and the tensors).
+    `quantized` linear weights (lmlab/weights/gguf_packed.py) become quantized modules computing in
+    `quantized_dtype`, their biases taken from `state`. Names and shapes are checked against the config first
+    (errors name `source` and the tensors).
     """
     if dtype is not None:
         state = {k: v if v.dtype == dtype else v.to(dtype) for k, v in state.items()}
     with _no_random_init():
         model = Transformer(config)
+    if quantized:
+        install_quantized(model, quantized, state, quantized_dtype)
     load_state_into(model, state, source, assign=True)
-    if config.tie_embeddings:
+    if config.tie_embeddings and isinstance(model.output, nn.Linear):
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 

@@ -1,77 +1,87 @@
 """GGUF files (llama.cpp's format) with Llama-family architectures: config, weights and tokenizer.
 
-Read with the `gguf` package; every quantized tensor is dequantized with `gguf.quants.dequantize`
-(F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, the K-quants, ...). Supported architectures:
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K (what Q4_K_M
+and friends mix) are decoded by lmlab.weights.gguf_quants, in torch, bit for bit equal to the package's
+`gguf.quants.dequantize`, which decodes the rarer types (IQ*, TQ*, MXFP4). Supported architectures:
 - `llama` (Llama, Mistral, SmolLM, TinyLlama...): llama.cpp's convert_hf_to_gguf.py already permutes
   q/k rows into the interleaved RoPE layout lmlab uses, so tensors map one to one.
 - `qwen2`: stored in Hugging Face's rotate-half layout (llama.cpp runs it with NEOX RoPE), so wq/wk and
   their biases are permuted on load, as for a Hugging Face directory.
+- `gemma3` (text): rotate-half like qwen2 (the per-head q/k norm weights are permuted the same way);
+  the norm weights already hold Gemma's 1 + w (convert_hf_to_gguf.py adds the 1), which is lmlab's
+  convention too. Local/global layers, their RoPE bases and the window come from the metadata, with
+  llama.cpp's defaults (every 6th layer global, local base 10000) where the file leaves them out.
+The header is walked by lmlab.gguf_file (gguf.GGUFReader spends 17 s on Gemma 3's 262k-token
+vocabulary). This module dequantizes every tensor (`load_gguf`, the exact path); lmlab.weights.gguf_packed
+keeps Q4_0/Q4_1/Q4_K/Q8_0 packed for the matmul from the same reader and metadata (`quantize="auto"`).
 The tokenizer lives in the file's metadata (`tokenizer.ggml.*`) and is built by lmlab.tokenization.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
 
 from lmlab.errors import CheckpointError
 from lmlab.model.config import ModelConfig
 from lmlab.tokenization import tokenizer_from_gguf
+from lmlab.weights import gguf_quants
 from lmlab.weights.build import to_interleaved
+from lmlab.gguf_file import GGUFFile
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")
+ROTATE_HALF_ARCHS = ("qwen2", "gemma3")  # q/k rows stored in Hugging Face's layout (llama.cpp NEOX RoPE)
 # per-layer GGUF tensor -> lmlab parameter (".weight" / ".bias" suffixes carry over)
 LAYER_NAMES = {
     "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
     "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
     "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
+    "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",
+    "post_attention_norm": "post_attention_norm", "post_ffw_norm": "post_ffn_norm",
 }
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0  # llama.cpp's defaults (src/models/gemma3.cpp)
 TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 IGNORED = ("rope_freqs",)  # llama.cpp's precomputed RoPE table: lmlab computes its own
 
 
+@functools.cache
 def supported_quant_types() -> list[str]:
     """The tensor types `gguf.quants.dequantize` can turn back into floats."""
-    import gguf.quants
-
     return sorted({"F32", "F16"} | {t.name for t in gguf.quants._type_traits})
 
 
-def open_gguf(path: str | Path) -> Any:
-    """A `gguf.GGUFReader` over `path`, with file errors turned into CheckpointError."""
-    import gguf
-
-    class _Reader(gguf.GGUFReader):
-        """GGUFReader on a plain ndarray view of its memmap: parsing the ~100k tokenizer strings
-        slices the map ~250k times, and np.memmap's per-slice bookkeeping made that 3x slower."""
-
-        @property
-        def data(self) -> np.ndarray:
-            return self._data
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:
-            self._data = value.view(np.ndarray)
-
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The file's metadata and tensors (lmlab.gguf_file), file errors as CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found (expected a .gguf file)")
     try:
-        reader = _Reader(path)
-    except (ValueError, KeyError, IndexError, OSError) as err:
+        with gc_paused():
+            return GGUFFile(path)
+    except (ValueError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable GGUF file ({err}); it may be truncated") from None
-    size = len(reader.data)
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(
-                f"{path}: truncated GGUF file: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
-                f"the file has {size}"
-            )
-    return reader
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection while a file's ~200k small metadata objects are made: the collector's passes
+    over them cost more than the parsing itself (measured 3x)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def field(reader: Any, key: str, default: Any = None) -> Any:
@@ -106,7 +116,8 @@ def gguf_config(reader: Any, path: str | Path) -> ModelConfig:
             f"{path}: partial rotary embeddings ({arch}.rope.dimension_count < head size) are not supported"
         )
     scaling, factor = _rope_scaling(reader, arch, path)
-    return ModelConfig(
+    switches = _gemma3_switches(reader, path, meta) if arch == "gemma3" else {}
+    return ModelConfig(**{**dict(
         name=str(field(reader, "general.name", Path(path).stem)),
         vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # GGUF shapes are (in, out)
         dim=dim, n_layers=int(meta("block_count")), n_heads=n_heads,
@@ -116,7 +127,34 @@ def gguf_config(reader: Any, path: str | Path) -> ModelConfig:
         pos="rope", rope_theta=_f32(meta("rope.freq_base", 10000.0)), rope_scaling=scaling,
         rope_scaling_factor=factor, mlp="swiglu", qkv_bias="blk.0.attn_q.bias" in tensors,
         out_bias="blk.0.attn_output.bias" in tensors, tie_embeddings="output.weight" not in tensors,
-    )
+    ), **switches})
+
+
+def _gemma3_switches(reader: Any, path: str | Path, meta: Any) -> dict[str, Any]:
+    """Gemma 3's config switches, read as llama.cpp reads them (src/models/gemma3.cpp)."""
+    if field(reader, "gemma3.final_logit_softcapping"):
+        raise CheckpointError(f"{path}: gemma3.final_logit_softcapping is not supported")
+    n_layers = int(meta("block_count"))
+    if n_layers == 62:
+        raise CheckpointError(f"{path}: Gemma 3 27B scales attention by 1/sqrt(dim/heads), which lmlab does not "
+                              "support (it uses 1/sqrt(head size), as the smaller Gemma 3 models do)")
+    switches: dict[str, Any] = dict(mlp="geglu", gelu_approximate="tanh", qk_norm=True, post_norms=True,
+                                    scale_embeddings=True)
+    window = int(field(reader, "gemma3.attention.sliding_window", 0))
+    if window <= 0:
+        return switches
+    pattern = field(reader, "gemma3.attention.sliding_window_pattern", GEMMA3_PATTERN)
+    if isinstance(pattern, list) and all(pattern):  # every layer windowed
+        pattern = 0
+    elif isinstance(pattern, list):  # one bool per layer, True = windowed
+        every = next((k for k in range(1, n_layers + 1)
+                      if [bool(i % k < k - 1) for i in range(n_layers)] == [bool(x) for x in pattern]), None)
+        if every is None:
+            raise CheckpointError(f"{path}: gemma3.attention.sliding_window_pattern {pattern} is not 'every k-th "
+                                  "layer global', which is what lmlab supports")
+        pattern = every
+    theta = _f32(field(reader, "gemma3.rope.freq_base_swa", GEMMA3_LOCAL_THETA))
+    return dict(switches, window=window, global_every=int(pattern), rope_local_theta=theta)
 
 
 def _f32(value: float) -> float:
@@ -147,13 +185,40 @@ def lmlab_name(gguf_name: str) -> str | None:
     raise CheckpointError(f"unknown GGUF tensor {gguf_name!r}")
 
 
-def gguf_state(reader: Any, config: ModelConfig, path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to `dtype`, under lmlab's names (two threads: numpy releases the GIL)."""
-    from gguf.quants import dequantize
+def interleave_heads(arch: str, name: str, config: ModelConfig) -> int | None:
+    """The head count to permute a tensor's rows with (rotate-half -> interleaved), or None to keep it:
+    q/k projections of the rotate-half architectures, and their q/k norms (one head's channels)."""
+    if arch not in ROTATE_HALF_ARCHS:
+        return None
+    if name.endswith(("wq.weight", "wq.bias", "wk.weight", "wk.bias")):
+        return config.n_heads if ".wq." in name else config.n_kv_heads
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return 1
+    return None
+
+
+def dequantize_tensor(t: Any) -> torch.Tensor:
+    """One tensor of a GGUFFile as an fp32 (or its stored F16/BF16) torch tensor, shaped (out, in)."""
+    kind = t.tensor_type.name
+    if kind in gguf_quants.FORMATS:
+        return gguf_quants.dequantize(torch.from_numpy(t.data), kind)
+    if kind in ("F32", "F16"):
+        return torch.from_numpy(t.data.copy())  # a copy: parameters must not alias the file's pages
+    if kind == "BF16":
+        return torch.from_numpy(t.data.copy()).view(torch.bfloat16)
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))  # IQ*, TQ*, MXFP4, ...
+
+
+def gguf_state(
+    reader: Any, config: ModelConfig, path: str | Path, dtype: torch.dtype, tensors: list[Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor (or those in `tensors`) dequantized to `dtype`, under lmlab's names (two threads:
+    torch's decoding releases the GIL)."""
 
     arch = field(reader, "general.architecture")
     supported = supported_quant_types()
-    for t in reader.tensors:
+    tensors = reader.tensors if tensors is None else tensors
+    for t in tensors:
         if t.tensor_type.name not in supported:
             raise CheckpointError(
                 f"{path}: tensor {t.name} has quantization {t.tensor_type.name}, which cannot be dequantized; "
@@ -167,17 +232,14 @@ def gguf_state(reader: Any, config: ModelConfig, path: str | Path, dtype: torch.
             raise CheckpointError(f"{path}: {err}") from None
         if name is None:
             return None, None
-        values = dequantize(t.data, t.tensor_type)  # (out, in) numpy, float32
-        if not values.flags.writeable:  # F32 tensors are views of the read-only map
-            values = values.copy()
-        tensor = torch.from_numpy(values)
-        if arch == "qwen2" and name.endswith(("wq.weight", "wq.bias", "wk.weight", "wk.bias")):
-            heads = config.n_heads if ".wq." in name else config.n_kv_heads
+        tensor = dequantize_tensor(t)  # (out, in)
+        heads = interleave_heads(arch, name, config)
+        if heads:
             tensor = to_interleaved(tensor, heads).contiguous()
         return name, tensor if tensor.dtype == dtype else tensor.to(dtype)
 
     with ThreadPoolExecutor(2) as pool:
-        pairs = list(pool.map(convert, reader.tensors))
+        pairs = list(pool.map(convert, tensors))
     return {name: tensor for name, tensor in pairs if name is not None}
 
 
@@ -196,5 +258,5 @@ def gguf_tokenizer(reader: Any) -> Any:
     """The tokenizer stored in the file's metadata (built by lmlab.tokenization), or None without one."""
     if "tokenizer.ggml.model" not in reader.fields:
         return None
-
-    return tokenizer_from_gguf(reader)
+    with gc_paused():
+        return tokenizer_from_gguf(reader)

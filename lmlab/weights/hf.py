@@ -1,4 +1,4 @@
-"""Hugging Face model folders in and out: the GPT-2, Llama, Mistral and Qwen2 families.
+"""Hugging Face model folders in and out: the GPT-2, Llama, Mistral, Qwen2 and Gemma 3 (text) families.
 
 In: config.json plus model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin
 (read with torch.load(weights_only=True): nothing in a checkpoint is executed). Out: `save_hf` writes a
@@ -9,6 +9,13 @@ Name and layout differences handled here (lmlab keeps Meta/llama2.c names, lmlab
   permuted per head (lmlab.weights.to_interleaved); gate/up/down_proj are w1/w3/w2.
 - GPT-2: Conv1D stores weights as (in, out), so they are transposed; c_attn is wq|wk|wv side by side;
   `gelu_new` is the tanh approximation of GELU.
+- Gemma 3 (`gemma3_text`, Gemma3ForCausalLM): the Llama layout plus q/k norms (whose channels are
+  permuted like the rows of wq/wk) and norms after attention and MLP; HF's input_layernorm /
+  post_attention_layernorm / pre_feedforward_layernorm / post_feedforward_layernorm are lmlab's
+  attention_norm / post_attention_norm / ffn_norm / post_ffn_norm. Gemma's norms scale by (1 + w);
+  lmlab stores 1 + w as the weight (as GGUF does), so 1 is added on the way in and subtracted on
+  the way out. `layer_types` (every k-th layer global) is global_every; rope_parameters'
+  sliding_attention base is rope_local_theta.
 Defaults for keys absent from a config.json are those of the transformers config classes.
 """
 
@@ -30,9 +37,9 @@ from lmlab.model.transformer import unwrap
 from lmlab.weights.build import to_interleaved, to_rotate_half
 from lmlab.weights.checkpoint import model_state
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma3_text")
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
+                 "qwen2": "Qwen2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # transformers' defaults for the keys lmlab reads (LlamaConfig, MistralConfig, Qwen2Config, GPT2Config)
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048,
@@ -43,6 +50,10 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                   hidden_act="silu", use_sliding_window=False, rope_theta=10000.0),
     "gpt2": dict(layer_norm_epsilon=1e-5, tie_word_embeddings=True, n_positions=1024, n_inner=None,
                  activation_function="gelu_new", scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False),
+    "gemma3_text": dict(rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=131072,
+                        hidden_activation="gelu_pytorch_tanh", head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=4096, attention_bias=False, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10_000.0, sliding_window_pattern=6),
 }
 GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 LLAMA_LAYER = {
@@ -51,6 +62,12 @@ LLAMA_LAYER = {
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
 }
 LLAMA_TOP = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+GEMMA3_LAYER = {
+    **LLAMA_LAYER, "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffn_norm", "self_attn.q_norm": "attention.q_norm",
+    "self_attn.k_norm": "attention.k_norm",
+}
+LAYER_MAPS = {"gemma3_text": GEMMA3_LAYER}  # per family, where it differs from Llama's
 _LAYER_RE = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
@@ -72,6 +89,8 @@ def config_from_hf(cfg: dict[str, Any], source: str) -> ModelConfig:
     if family not in FAMILIES:
         raise CheckpointError(f"{source}: model_type {family!r} is not supported; supported: {list(FAMILIES)}")
     get = _getter(cfg, family, source)
+    if family == "gemma3_text":
+        return _gemma3_config(get, cfg, source)
     return _gpt2_config(get, cfg, source) if family == "gpt2" else _llama_config(get, family, cfg, source)
 
 
@@ -120,6 +139,46 @@ def _llama_config(get, family: str, cfg: dict[str, Any], source: str) -> ModelCo
         qkv_bias=attention_bias or family == "qwen2", out_bias=attention_bias,
         mlp_bias=family == "llama" and bool(get("mlp_bias")), tie_embeddings=bool(get("tie_word_embeddings")),
         window=_window(family, get, source),
+    )
+
+
+def _gemma3_config(get, cfg: dict[str, Any], source: str) -> ModelConfig:
+    """Gemma3TextConfig -> the Gemma switches of ModelConfig (unsupported settings name their key)."""
+    if get("hidden_activation") not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise CheckpointError(f"{source}: hidden_activation={get('hidden_activation')!r}; lmlab's GeGLU uses "
+                              "the tanh GELU ('gelu_pytorch_tanh')")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise CheckpointError(f"{source}: {key}={cfg[key]!r} is not supported (Gemma 3 has none)")
+    if cfg.get("use_bidirectional_attention") or get("attention_bias"):
+        key = "use_bidirectional_attention" if cfg.get("use_bidirectional_attention") else "attention_bias"
+        raise CheckpointError(f"{source}: {key}=true is not supported")
+    heads, head_dim = get("num_attention_heads"), get("head_dim")
+    if get("query_pre_attn_scalar") != head_dim:
+        raise CheckpointError(f"{source}: query_pre_attn_scalar={get('query_pre_attn_scalar')} differs from "
+                              f"head_dim={head_dim}; lmlab scales attention by 1/sqrt(head_dim)")
+    n_layers = get("num_hidden_layers")
+    kinds = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % get("sliding_window_pattern") else
+                                        "full_attention" for i in range(n_layers)]
+    local = [k == "sliding_attention" for k in kinds]
+    every = next((k for k in range(1, n_layers + 1) if local == [bool((i + 1) % k) for i in range(n_layers)]), None)
+    if every is None and not all(local):
+        raise CheckpointError(f"{source}: layer_types {kinds} is not 'every k-th layer full_attention'")
+    params = dict(cfg.get("rope_parameters") or {})
+    full = dict(params.get("full_attention") or {"rope_theta": get("rope_theta"), **(cfg.get("rope_scaling") or {})})
+    sliding = dict(params.get("sliding_attention") or {"rope_theta": get("rope_local_base_freq")})
+    if sliding.get("rope_type", "default") != "default":
+        raise CheckpointError(f"{source}: sliding_attention rope_type {sliding['rope_type']!r} is not supported")
+    theta, scaling, factor = _rope({"rope_parameters": full}, get, source)
+    return ModelConfig(
+        name=cfg.get("_name_or_path") or "gemma3", vocab_size=get("vocab_size"), dim=get("hidden_size"),
+        n_layers=n_layers, n_heads=heads, n_kv_heads=cfg.get("num_key_value_heads") or heads, head_dim=head_dim,
+        hidden_dim=get("intermediate_size"), max_seq_len=get("max_position_embeddings"), norm="rmsnorm",
+        norm_eps=get("rms_norm_eps"), pos="rope", rope_theta=theta, rope_scaling=scaling, rope_scaling_factor=factor,
+        mlp="geglu", gelu_approximate="tanh", tie_embeddings=bool(get("tie_word_embeddings")),
+        window=get("sliding_window") if any(local) else None, global_every=every if any(local) and every else 0,
+        rope_local_theta=float(sliding.get("rope_theta") or get("rope_local_base_freq")), qk_norm=True,
+        post_norms=True, scale_embeddings=True,
     )
 
 
@@ -190,13 +249,17 @@ def hf_to_lmlab(
     for name, tensor in state.items():
         if name.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
             continue
-        new = _llama_name(name, LLAMA_LAYER, LLAMA_TOP, "layers")
+        new = _llama_name(name, LAYER_MAPS.get(family, LLAMA_LAYER), LLAMA_TOP, "layers")
         if new is None:
             raise CheckpointError(f"{source}: unexpected tensor {name!r} for a {family} model")
         if new.endswith(("wq.weight", "wq.bias")):
             tensor = to_interleaved(tensor, config.n_heads)
         elif new.endswith(("wk.weight", "wk.bias")):
             tensor = to_interleaved(tensor, config.n_kv_heads)
+        elif new.endswith(("q_norm.weight", "k_norm.weight")):
+            tensor = to_interleaved(tensor, 1)  # one head's channels, permuted as the rows above
+        if family == "gemma3_text" and new.endswith("norm.weight"):
+            tensor = tensor.float() + 1.0  # Gemma scales by (1 + w): lmlab stores the sum (see make_norm)
         out[new] = tensor
     return out
 
@@ -267,6 +330,17 @@ def hf_family(c: ModelConfig) -> str:
         raise no("n_experts", "mixture-of-experts export is not supported")
     if c.sink_tokens:
         raise no("sink_tokens", "attention sinks")
+    gemma = {"mlp": "geglu", "gelu_approximate": "tanh", "qk_norm": True, "post_norms": True,
+             "scale_embeddings": True, "norm": "rmsnorm", "pos": "rope", "qkv_bias": False, "out_bias": False,
+             "mlp_bias": False}
+    if any(getattr(c, f) == gemma[f] for f in ("mlp", "qk_norm", "post_norms", "scale_embeddings")) or c.global_every:
+        for field, want in gemma.items():
+            if getattr(c, field) != want:
+                raise no(field, "Gemma 3, the one family with GeGLU, q/k norms, post-norms, scaled embeddings or "
+                         f"local/global layers, needs {field}={want!r}")
+        if c.rope_scaling not in (None, "linear"):
+            raise no("rope_scaling", "Gemma 3's global layers take linear scaling only")
+        return "gemma3_text"
     if c.norm == "layernorm":
         for field, want in (("pos", "learned"), ("mlp", "gelu"), ("qkv_bias", True), ("out_bias", True),
                             ("mlp_bias", True), ("norm_bias", True), ("n_kv_heads", c.n_heads),
@@ -305,6 +379,8 @@ def hf_config(c: ModelConfig, family: str, dtype: torch.dtype, tokenizer: Any = 
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     scaling = None if c.rope_scaling is None else {"rope_type": "linear", "factor": c.rope_scaling_factor}
     rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(scaling or {})}  # transformers 5
+    if family == "gemma3_text":
+        return _gemma3_hf_config(c, common, rope, scaling)
     out = dict(common, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
                num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
                max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, hidden_act="silu",
@@ -318,11 +394,24 @@ def hf_config(c: ModelConfig, family: str, dtype: torch.dtype, tokenizer: Any = 
     return out
 
 
+def _gemma3_hf_config(c: ModelConfig, common: dict[str, Any], rope: dict[str, Any], scaling: Any) -> dict[str, Any]:
+    kinds = ["sliding_attention" if c.window is not None and (c.is_local(i) or not c.global_every) else
+             "full_attention" for i in range(c.n_layers)]
+    local = {"rope_type": "default", "rope_theta": c.rope_local_theta}
+    return dict(common, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
+                num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+                query_pre_attn_scalar=c.head_dim, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+                hidden_activation="gelu_pytorch_tanh", sliding_window=c.window or c.max_seq_len, layer_types=kinds,
+                rope_parameters={"full_attention": rope, "sliding_attention": local},  # transformers 5
+                rope_theta=c.rope_theta, rope_local_base_freq=c.rope_local_theta, rope_scaling=scaling,  # 4.x
+                attention_bias=False, final_logit_softcapping=None, attn_logit_softcapping=None)
+
+
 def lmlab_to_hf(state: dict[str, torch.Tensor], c: ModelConfig, family: str) -> dict[str, torch.Tensor]:
     """Inverse of `hf_to_lmlab` (tied output weights are left out, as transformers saves them)."""
     if family == "gpt2":
         return _lmlab_to_gpt2(state, c)
-    layer_back = {v: k for k, v in LLAMA_LAYER.items()}
+    layer_back = {v: k for k, v in LAYER_MAPS.get(family, LLAMA_LAYER).items()}
     top_back = {v: k for k, v in LLAMA_TOP.items()}
     out = {}
     for name, tensor in state.items():
@@ -330,6 +419,10 @@ def lmlab_to_hf(state: dict[str, torch.Tensor], c: ModelConfig, family: str) -> 
             tensor = to_rotate_half(tensor, c.n_heads)
         elif name.endswith(("wk.weight", "wk.bias")):
             tensor = to_rotate_half(tensor, c.n_kv_heads)
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            tensor = to_rotate_half(tensor, 1)
+        if family == "gemma3_text" and name.endswith("norm.weight"):
+            tensor = (tensor.float() - 1.0).to(tensor.dtype)
         out[_llama_name(name, layer_back, top_back, "model.layers")] = tensor.contiguous()
     return out
 
