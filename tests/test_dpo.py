@@ -29,12 +29,10 @@ from lmlab.data.preference import (
 from lmlab.errors import ConfigError, DataError
 from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
-from lmlab.paths import smollm2_gguf
 from lmlab.precision import Precision
 from lmlab.schema.dpo import DPOConfig, DPOLoRA
 from lmlab.schema.load import load_config
 from lmlab.tasks.dpo import run_dpo
-from lmlab.tokenization import load_tokenizer
 from lmlab.train.losses import linear_token_logprobs
 from lmlab.train.preference import (
     DPOSettings,
@@ -52,17 +50,12 @@ from lmlab.weights.checkpoint import save_checkpoint
 CPU = Precision(torch.device("cpu"), "fp32")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(smollm2_gguf())
+@pytest.fixture(scope="session")
+def tok(smol_tok):
+    return smol_tok
 
 
 def tiny(seed: int = 0) -> Transformer:

@@ -17,26 +17,18 @@ from lmlab.data.preference import PreferenceFormat, collate_pairs, encode_pairs,
 from lmlab.model.config import ModelConfig
 from lmlab.model.heads import SequenceClassifier
 from lmlab.model.transformer import Transformer
-from lmlab.paths import smollm2_gguf
 from lmlab.schema.load import load_config
 from lmlab.schema.reward import RewardConfig
 from lmlab.tasks.reward import load_reward_model, run_reward, score_file
-from lmlab.tokenization import load_tokenizer
 from lmlab.train.preference import bradley_terry_losses, reward_loss
 from lmlab.weights.checkpoint import save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(smollm2_gguf())
+@pytest.fixture(scope="session")
+def tok(smol_tok):
+    return smol_tok
 
 
 def tiny(seed: int = 0) -> Transformer:

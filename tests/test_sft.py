@@ -31,7 +31,7 @@ from lmlab.weights.checkpoint import save_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tok(smol_tok):
     return smol_tok
 

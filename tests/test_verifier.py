@@ -37,13 +37,7 @@ from lmlab.tasks.verifier import (
 )
 from lmlab.train.losses import verifier_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_head(per_token: bool = True) -> ScalarHead:

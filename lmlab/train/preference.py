@@ -185,37 +185,33 @@ def reward_loss(model: nn.Module, batch: Batch, *, center: float = 0.0) -> LossO
 
 
 @torch.no_grad()
+def _pair_scores(score: Callable[[nn.Module, dict[str, Tensor]], Tensor], model: nn.Module,
+                 pairs: list[EncodedPair], batch_size: int, pad_id: int, precision: Precision) -> Tensor:
+    """`score(model, batch)` of every pair as (N, 2) [chosen, rejected], in input order, in eval mode (a
+    batch holds its pairs' chosen rows, then their rejected rows)."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(pairs), 2)
+    batches, groups = pair_batches(pairs, batch_size, pad_id)
+    for batch, group in zip(batches, groups):
+        batch = {k: v.to(precision.device) for k, v in batch.items()}
+        with precision.autocast():
+            values = score(model, batch).float().cpu()
+        out[group] = torch.stack(values.chunk(2), dim=1)
+    model.train(was_training)
+    return out
+
+
 def pair_logps(model: nn.Module, pairs: list[EncodedPair], batch_size: int, pad_id: int,
                precision: Precision) -> Tensor:
-    """Summed completion log-probs (N, 2) [chosen, rejected] of every pair, in input order (eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(pairs), 2)
-    batches, groups = pair_batches(pairs, batch_size, pad_id)
-    for batch, group in zip(batches, groups):
-        batch = {k: v.to(precision.device) for k, v in batch.items()}
-        with precision.autocast():
-            logps = sequence_logps(model, batch)[0].cpu()
-        out[group] = torch.stack(logps.chunk(2), dim=1)
-    model.train(was_training)
-    return out
+    """Summed completion log-probs (N, 2) [chosen, rejected] of every pair (the DPO reference and policy)."""
+    return _pair_scores(lambda m, batch: sequence_logps(m, batch)[0], model, pairs, batch_size, pad_id, precision)
 
 
-@torch.no_grad()
 def pair_rewards(model: nn.Module, pairs: list[EncodedPair], batch_size: int, pad_id: int,
                  precision: Precision) -> Tensor:
-    """Reward-model scores (N, 2) [chosen, rejected] of every pair, in input order (eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(pairs), 2)
-    batches, groups = pair_batches(pairs, batch_size, pad_id)
-    for batch, group in zip(batches, groups):
-        batch = {k: v.to(precision.device) for k, v in batch.items()}
-        with precision.autocast():
-            scores = reward_scores(model, batch).cpu()
-        out[group] = torch.stack(scores.chunk(2), dim=1)
-    model.train(was_training)
-    return out
+    """Reward-model scores (N, 2) [chosen, rejected] of every pair."""
+    return _pair_scores(reward_scores, model, pairs, batch_size, pad_id, precision)
 
 
 def model_fingerprint(model: nn.Module) -> str:
