@@ -222,7 +222,6 @@ def _finished_sft_stage(tmp: Path, remove: tuple[str, ...]) -> None:
 
 def _fake_samples(tmp: Path, env: dict[str, str]) -> None:
     """A labelled-samples file that `verifier train` accepts as this recipe's, with a torn second line."""
-    from lmlab.cli import build_parser
     from lmlab.data.verifier import Solution
     from lmlab.schema.load import load_config
     from lmlab.schema.verifier import VerifierConfig
