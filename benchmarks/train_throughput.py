@@ -52,30 +52,27 @@ def hf_model(device):
     return LlamaForCausalLM(cfg).to(device)
 
 
-def time_lmlab(model, batches, precision, steps: int) -> float:
-    """Seconds for `steps` optimizer steps of lmlab's real training loop."""
-    opt = build_optimizer(model, impl="torch-fused", lr=1e-4)
+def _timed_fit(model, opt, batches, precision, steps: int, lr: float) -> float:
+    """Seconds for `steps` optimizer steps of lmlab's real training loop, after one warm-up step."""
     cfg = FitConfig(max_steps=1, grad_clip=1.0, log_every=10**9, progress_bar=False)
     data = lambda step, micro=0: batches[step % len(batches)]  # noqa: E731
-    fit(model, lm_loss, data, opt, Schedule(1e-4, 0, 1, kind="constant"), cfg, precision)  # warm-up
+    fit(model, lm_loss, data, opt, Schedule(lr, 0, 1, kind="constant"), cfg, precision)  # warm-up
     cfg.max_steps = 1 + steps
     precision.synchronize()
     t0 = time.perf_counter()
-    fit(model, lm_loss, data, opt, Schedule(1e-4, 0, 1, kind="constant"), cfg, precision,
-        progress=Progress(step=1))
+    fit(model, lm_loss, data, opt, Schedule(lr, 0, 1, kind="constant"), cfg, precision, progress=Progress(step=1))
     precision.synchronize()
     return time.perf_counter() - t0
 
 
-def time_hf(model, batches, precision, steps: int) -> float:
-    """Seconds for `steps` steps of the standard transformers loop (labels shifted inside the model)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
+def _timed_hf_loop(model, opt, params, batches, precision, steps: int) -> float:
+    """Seconds for `steps` steps of the standard transformers loop (labels shifted inside the model), after one
+    warm-up step; clipping `params` at 1.0."""
     def step(batch):
         with precision.autocast():
             loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -87,6 +84,17 @@ def time_hf(model, batches, precision, steps: int) -> float:
         step(batches[i % len(batches)])
     precision.synchronize()
     return time.perf_counter() - t0
+
+
+def time_lmlab(model, batches, precision, steps: int) -> float:
+    """Seconds for `steps` optimizer steps of lmlab's real training loop."""
+    return _timed_fit(model, build_optimizer(model, impl="torch-fused", lr=1e-4), batches, precision, steps, 1e-4)
+
+
+def time_hf(model, batches, precision, steps: int) -> float:
+    """Seconds for `steps` steps of the standard transformers loop (labels shifted inside the model)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return _timed_hf_loop(model, opt, list(model.parameters()), batches, precision, steps)
 
 
 def main() -> None:
@@ -189,33 +197,10 @@ def lora_models(device):
 def time_lora(name: str, model, batches, precision, steps: int) -> float:
     """Seconds for `steps` steps; lmlab through `fit`, peft through the standard loop (trainable params only)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "lmlab":
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-        cfg = FitConfig(max_steps=1, grad_clip=1.0, log_every=10**9, progress_bar=False)
-        data = lambda step, micro=0: batches[step % len(batches)]  # noqa: E731
-        fit(model, lm_loss, data, opt, Schedule(1e-4, 0, 1, kind="constant"), cfg, precision)  # warm-up
-        cfg.max_steps = 1 + steps
-        t0 = time.perf_counter()
-        fit(model, lm_loss, data, opt, Schedule(1e-4, 0, 1, kind="constant"), cfg, precision, progress=Progress(step=1))
-        precision.synchronize()
-        return time.perf_counter() - t0
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-
-    def step(batch):
-        with precision.autocast():
-            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    model.train()
-    step(batches[0])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    precision.synchronize()
-    return time.perf_counter() - t0
+    if name == "lmlab":
+        return _timed_fit(model, opt, batches, precision, steps, 1e-4)
+    return _timed_hf_loop(model, opt, params, batches, precision, steps)
 
 
 def lora_main(args) -> None:
@@ -289,32 +274,8 @@ def time_steps(impl: str, model, batches, precision, steps: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     if impl == "lmlab":
-        cfg = FitConfig(max_steps=1, grad_clip=1.0, log_every=10**9, progress_bar=False)
-        data = lambda step, micro=0: batches[step % len(batches)]  # noqa: E731
-        fit(model, lm_loss, data, opt, Schedule(1e-5, 0, 1, kind="constant"), cfg, precision)  # warm-up
-        cfg.max_steps = 1 + steps
-        precision.synchronize()
-        t0 = time.perf_counter()
-        fit(model, lm_loss, data, opt, Schedule(1e-5, 0, 1, kind="constant"), cfg, precision, progress=Progress(step=1))
-        precision.synchronize()
-        return time.perf_counter() - t0
-
-    def step(batch):
-        with precision.autocast():
-            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    model.train()
-    step(batches[0])  # warm-up
-    precision.synchronize()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(batches[i % len(batches)])
-    precision.synchronize()
-    return time.perf_counter() - t0
+        return _timed_fit(model, opt, batches, precision, steps, 1e-5)
+    return _timed_hf_loop(model, opt, params, batches, precision, steps)
 
 
 def finetune_main(args) -> None:
