@@ -12,6 +12,7 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import tiny_smol
 
 from lmlab.adapters.lora import apply_lora, lora_modules
 from lmlab.cli import main
@@ -27,7 +28,6 @@ from lmlab.data.preference import (
     split_pairs,
 )
 from lmlab.errors import ConfigError, DataError
-from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.precision import Precision
 from lmlab.schema.dpo import DPOConfig, DPOLoRA
@@ -59,9 +59,7 @@ def tok(smol_tok):
 
 
 def tiny(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                                   max_seq_len=512))
+    return tiny_smol(seed=seed)
 
 
 def conv(prompt: str, chosen: str, rejected: str, where: str = "") -> Pair:

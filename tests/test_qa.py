@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_smol
 
 from lmlab.adapters.files import export_peft, save_adapter
 from lmlab.adapters.lora import LoRAConfig, add_adapter, set_active_adapter
 from lmlab.data.instruct import Template, split_records
 from lmlab.data.qa import mcq_records, permute_options, read_arc, read_mmlu, saq_records
 from lmlab.errors import ConfigError, DataError
-from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.tasks.qa import (
     TASKS,
@@ -41,8 +41,7 @@ CHAT = Template("chat")
 
 
 def tiny() -> Transformer:
-    return Transformer(ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                                   max_seq_len=512)).eval()
+    return tiny_smol().eval()
 
 
 def with_adapters(model: Transformer, names=("mcq", "saq")) -> Transformer:

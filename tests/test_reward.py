@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_smol
 from torch import nn
 
 from lmlab.cli import main
 from lmlab.data.preference import PreferenceFormat, collate_pairs, encode_pairs, parse_pair
-from lmlab.model.config import ModelConfig
 from lmlab.model.heads import SequenceClassifier
 from lmlab.model.transformer import Transformer
 from lmlab.schema.load import load_config
@@ -32,9 +32,7 @@ def tok(smol_tok):
 
 
 def tiny(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                                   max_seq_len=512))
+    return tiny_smol(seed=seed)
 
 
 class FixedScores(nn.Module):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_smol
 
 from lmlab.data.batch import IGNORE_INDEX
 from lmlab.data.instruct import (
@@ -20,7 +21,6 @@ from lmlab.data.instruct import (
     split_records,
 )
 from lmlab.errors import ConfigError, DataError
-from lmlab.model.config import ModelConfig
 from lmlab.model.transformer import Transformer
 from lmlab.schema.load import load_config
 from lmlab.schema.sft import SFTConfig
@@ -39,8 +39,7 @@ def tok(smol_tok):
 
 
 def tiny(vocab: int = 49152) -> Transformer:
-    return Transformer(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                                   max_seq_len=512))
+    return tiny_smol(vocab)
 
 
 REC = {"instruction": "Name a primary color.", "input": "", "output": "Red."}
