@@ -1,4 +1,4 @@
-"""The one-command pipeline: a tiny pretrain -> SFT -> verifier chain runs end to end with its report card,
+"""The one-command pipeline: a tiny pretrain -> SFT -> reward -> DPO -> verifier chain runs end to end with its report card,
 re-runs skip every stage, a stage killed with SIGKILL resumes on the same loss curve, and bad input is one
 line naming the key or path (before any stage runs, or after, keeping earlier stages' results)."""
 
@@ -19,7 +19,7 @@ from lmlab.schema.load import load_config
 from lmlab.tasks.pipeline import STAGES, load_pipeline, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
-CHAIN = ["pretrain", "sft", "dpo", "verifier"]
+CHAIN = ["pretrain", "sft", "reward", "dpo", "verifier"]
 """The tiny pipeline's stages: the whole chain."""
 
 
@@ -44,12 +44,18 @@ def tiny_pipeline(folder: Path, data: Path) -> Path:
             "lora": {"rank": 4, "alpha": 8}, "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 1},
             "checkpoint": {"every": 2}, "precision": {"dtype": "fp32"},
             "eval": {"perplexity": False, "instructions": []}, "logging": quiet},
+        "reward": {
+            "data": {"paths": [str(data / "hh-rlhf-harmless-base" / "test.jsonl")], "max_train": 8, "max_eval": 4,
+                     "max_len": 96, "max_prompt_len": 48},
+            "lora": {"rank": 4, "alpha": 8}, "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1},
+            "checkpoint": {"every": 2}, "precision": {"dtype": "fp32"}, "logging": quiet},
         "dpo": {
             "adapter": "dpo", "export_peft": False,
             "data": {"paths": [str(data / "hh-rlhf-harmless-base" / "test.jsonl")], "max_train": 8, "max_eval": 4,
                      "max_len": 96, "max_prompt_len": 48},
             "lora": {"rank": 4, "alpha": 8}, "train": {"max_steps": 2, "batch_size": 2, "grad_accum": 1},
-            "checkpoint": {"every": 2}, "precision": {"dtype": "fp32"}, "logging": quiet},
+            "checkpoint": {"every": 2}, "precision": {"dtype": "fp32"}, "logging": quiet,
+            "eval": {"prompts": 3, "max_new_tokens": 4, "generation_batch_size": 3}},
         "verifier": {
             "generator": {"samples": 2, "max_new_tokens": 6, "dtype": "fp32"},
             "data": {"problems": 4, "heldout": 0.5, "template": "alpaca", "max_len": 320},
@@ -94,7 +100,7 @@ def test_tiny_pipeline_end_to_end(finished):
     results = json.loads((out / "verifier" / "eval" / "results.json").read_text())
     assert results["n"] == [1, 2] and set(results["accuracy"]) == {"greedy", "majority", "verifier", "weighted", "oracle"}
     card = json.loads((out / "card.json").read_text())
-    assert list(card["models"]) == CHAIN[:-1]
+    assert list(card["models"]) == ["pretrain", "sft", "dpo"]  # the reward stage makes no model
     assert all(m["wikitext_ppl"] > 1 and "alpaca_conditional_ppl" in m and len(m["answers"]) == 1
                for m in card["models"].values())
     report = (out / "report.md").read_text()
@@ -102,15 +108,22 @@ def test_tiny_pipeline_end_to_end(finished):
                  "![bestofn](verifier/eval/bestofn.png)", "![loss_sft](report/loss_sft.png)", "### Name a color."):
         assert part in report
     assert (out / "report" / "loss_pretrain.png").is_file()
-    # SFT's merged model is DPO's policy and reference; the card reports its held-out pairs
-    assert yaml.safe_load((out / "dpo" / "config.yaml").read_text())["model"]["spec"] == record["sft"]["model"]
-    assert len(_curve(out / "dpo")) == 2
-    dpo = card["stages"]["dpo"]
+    # the reward model is trained on SFT's merged model, which goes on unchanged to DPO as policy and reference;
+    # DPO's generation check samples against the reward stage; the card reports both stages' held-out pairs
+    dpo_cfg = yaml.safe_load((out / "dpo" / "config.yaml").read_text())
+    assert yaml.safe_load((out / "reward" / "config.yaml").read_text())["model"]["spec"] == record["sft"]["model"]
+    assert dpo_cfg["model"]["spec"] == record["sft"]["model"] and "model" not in record["reward"]
+    assert dpo_cfg["eval"]["reward_model"] == str(out / "reward")
+    assert len(_curve(out / "dpo")) == 2 and len(_curve(out / "reward")) == 2
+    dpo, reward = card["stages"]["dpo"], card["stages"]["reward"]
     summary = json.loads((out / "dpo" / "summary.json").read_text())
     assert dpo["reward_accuracy"] == summary["after"]["test"]["implicit_accuracy"]
     assert 0 <= dpo["reward_accuracy"]["value"] <= 1 and dpo["reward_accuracy"]["n"] > 0
+    assert dpo["win_rate"] == summary["generation"]["win_rate"] and summary["generation"]["n"] == 3
+    assert reward["accuracy"] == json.loads((out / "reward" / "summary.json").read_text())["test"]["accuracy"]
     assert "## DPO" in report and "held-out implicit-reward accuracy after: " in report
-    assert "win rate against the reference under the reward model: not measured" in report
+    assert f"win rate against the reference under the reward model: {dpo['win_rate']['value']:.3f}" in report
+    assert f"## Reward model\n\n- held-out pairs, accuracy (chosen scored higher): {reward['accuracy']['value']:.3f}" in report
 
 
 @pytest.mark.slow
@@ -185,7 +198,7 @@ def test_killed_stage_resumes_and_a_missing_input_model_is_named(finished, tmp_p
 SUMMARY_FILE = "summary.json"
 
 BAD = [
-    (["stages=[pretrain,foo]"], "stages: unknown stage 'foo'; known stages: ['pretrain', 'sft', 'dpo', 'verifier']"),
+    (["stages=[pretrain,foo]"], "stages: unknown stage 'foo'; known stages: ['pretrain', 'sft', 'reward', 'dpo', 'verifier']"),
     (["stages=[sft,pretrain]"], "expected distinct stages in the order"),
     (["sft.train.max_stepz=3"], "unknown key sft.train.max_stepz; known keys of sft.train"),
     (["bogus.x=1"], "unknown key bogus; known keys of the recipe"),
@@ -197,6 +210,13 @@ BAD = [
     (["stages=[pretrain,sft,verifier,sft]"], "expected distinct stages"),
     (["dpo.model.spec=x"], "dpo.model.spec is set by the pipeline (the output model of stage sft)"),
     (["dpo.dpo.beta=0"], "dpo.dpo.beta=0"),
+    (["reward.model.spec=x"], "reward.model.spec is set by the pipeline (the output model of stage sft)"),
+    (["dpo.eval.reward_model=runs/other"], "dpo.eval.reward_model is set by the pipeline (the reward stage's run folder"),
+    (["stages=[dpo,reward]"], "expected distinct stages in the order"),
+    # every stage's data is checked before the first stage runs
+    (["verifier.data.test_path=/nonexistent/test.jsonl"], "verifier.data.test_path=/nonexistent/test.jsonl: no such file"),
+    (["dpo.data.paths=[/nonexistent/pairs.jsonl]"], "dpo.data.paths[0]=/nonexistent/pairs.jsonl: no such file"),
+    (["pretrain.data.extra_paths=[/nonexistent/a.txt]"], "pretrain.data.extra_paths[0]=/nonexistent/a.txt: no such file"),
 ]
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[" ".join(o) for o, _ in BAD])

@@ -1,5 +1,6 @@
 """The pipeline recipe (`lmlab pipeline RECIPE.yaml [stage.a.b=c ...]`): one file with a section per stage
-(pretrain -> sft -> dpo -> verifier, seed 001's alignment pipeline), each section a whole recipe of that
+(pretrain -> sft -> reward -> dpo -> verifier, seed 001's alignment pipeline with a reward model for DPO's
+win rate), each section a whole recipe of that
 stage's kind, plus the report card's settings. The schema is assembled from the stage kinds the running
 lmlab has (`pipeline_schema`), so `sft.train.max_steps=200` is checked by the SFT schema and an unknown
 key anywhere is one line naming it.
@@ -14,8 +15,9 @@ from pydantic import Field, create_model
 from lmlab.schema.load import Section
 from lmlab.schema.sections import RecipeConfig, SamplingConfig
 
-STAGE_ORDER = ("pretrain", "sft", "dpo", "verifier")
-"""The stages in the order a chain runs them; each stage's output model is the next one's input."""
+STAGE_ORDER = ("pretrain", "sft", "reward", "dpo", "verifier")
+"""The stages in the order a chain runs them; each stage's output model is the next one's input (the reward
+stage scores, it does not change the model: its input goes on to DPO, which samples against it)."""
 
 REPORT_PROMPTS = [
     "Give three tips for staying healthy.",
@@ -51,7 +53,7 @@ class PipelineBase(Section):
     out_dir: str = Field("runs/pipeline", min_length=1)
     """Pipeline folder: pipeline.yaml, stages.json, one run folder per stage (<out_dir>/<stage>), report.md."""
     stages: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: list(STAGE_ORDER))
-    """The chain, in order (pretrain, sft, dpo, verifier, or a part of it); each needs its section. A section
+    """The chain, in order (pretrain, sft, reward, dpo, verifier, or a part of it); each needs its section. A section
     whose stage is not listed is checked and not run."""
     report: ReportSection = Field(default_factory=ReportSection)
     """The report card."""
@@ -60,6 +62,8 @@ class PipelineBase(Section):
 STAGE_DOCS = {
     "pretrain": "Pretraining recipe (lmlab run); its final checkpoint feeds the next stage.",
     "sft": "Instruction-tuning recipe (lmlab sft); the base with its adapter merged feeds the next stage.",
+    "reward": ("Reward-model recipe (lmlab reward) on the previous model; it scores DPO's generation check "
+               "(dpo.eval.reward_model) and passes its input model on."),
     "dpo": "DPO recipe (lmlab dpo); the policy with its adapter merged feeds the next stage.",
     "verifier": "Verifier recipe (lmlab verifier all); the previous model is its generator and backbone.",
 }

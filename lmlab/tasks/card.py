@@ -4,7 +4,7 @@ Per model (the chain's input when it is a pretrained model, then each stage's ou
 perplexity (seed 001's table: pretrain, SFT, DPO; sliding windows, lmlab/evaluation/evaluate.py), Alpaca
 conditional perplexity (response | instruction on the SFT stage's own test split, lmlab/tasks/sft.py) and
 answers to the same prompts. Per stage, from its run folder: wall time, tokens, peak memory, parameters,
-DPO reward accuracy and win rate, the verifier's best-of-N table, plot and AUCs. The measurements go to
+the reward model's held-out accuracy, DPO reward accuracy and win rate, the verifier's best-of-N table, plot and AUCs. The measurements go to
 card.json, the text to report.md (plots in report/); an existing report is never overwritten without
 --force (lmlab/evaluation/report.py's rule).
 """
@@ -129,6 +129,9 @@ def stage_facts(name: str, cfg: Any, record: dict[str, Any]) -> dict[str, Any]:
     facts = {"wall_s": record.get("wall_s"), "peak_mem_mb": record.get("peak_mem_mb"), "last": record.get("last"),
              "steps": train.get("steps"), "tokens": train.get("tokens_seen"), "train_time_s": train.get("train_time_s"),
              "trainable_params": train.get("trainable_params"), "val_loss": train.get("val_loss")}
+    if name == "reward":
+        test = summary.get("test", {})
+        facts.update({k: test[k] for k in ("accuracy", "shorter_response_baseline") if k in test})
     if name == "dpo":
         facts.update(dpo_facts(summary))
     if name == "verifier":
@@ -188,13 +191,18 @@ def render(cfg: PipelineBase, card: dict[str, Any], stages: dict[str, Any], reco
                   (f"WikiText-2: the first {first.get('wikitext_tokens'):,} tokens of the test split, sliding windows "
                    f"of {first.get('wikitext_context')} tokens (stride half), bf16 autocast on CPU. Alpaca: response | "
                    f"instruction on {first.get('alpaca_records', 0)} records of the SFT stage's test split."), ""]
+    if "reward" in cfg.stages:
+        w = card["stages"]["reward"]
+        parts += ["## Reward model", "",
+                  f"- held-out pairs, accuracy (chosen scored higher): {_share(w.get('accuracy'))}",
+                  f"- length baseline (the shorter response preferred): {_share(w.get('shorter_response_baseline'))}", ""]
     if "dpo" in cfg.stages:
         d = card["stages"]["dpo"]
         parts += ["## DPO", "",
                   f"- held-out pairs, reference preference (chosen more likely) before: {_share(d.get('reference_preference'))}",
                   f"- held-out implicit-reward accuracy after: {_share(d.get('reward_accuracy'))}",
                   "- win rate against the reference under the reward model: " + (_share(d["win_rate"]) if "win_rate" in d
-                  else "not measured (name a trained reward model in dpo.eval.reward_model)"), ""]
+                  else "not measured (add the reward stage, or name a reward run in dpo.eval.reward_model)"), ""]
     if "verifier" in cfg.stages:
         parts += verifier_section(card["stages"]["verifier"], Path(stages["verifier"].out_dir), out)
     curves = []

@@ -1,12 +1,15 @@
-"""The one-command pipeline (`lmlab pipeline RECIPE.yaml [stage.a.b=c ...]`): pretrain -> SFT -> DPO ->
-verifier, seed 001's alignment pipeline, each stage's output model the next stage's input, then a report card.
+"""The one-command pipeline (`lmlab pipeline RECIPE.yaml [stage.a.b=c ...]`): pretrain -> SFT -> reward ->
+DPO -> verifier, seed 001's alignment pipeline, each stage's output model the next stage's input, then a report
+card. The reward stage trains a scorer on the SFT model and passes that model on unchanged; DPO's generation
+check samples against it (its win rate on the card).
 
 A stage is one registry entry (`STAGES`): its recipe schema, its run function (the same one its own command
 calls), and how its run folder becomes a model the next stage loads (pretraining: the final checkpoint;
 SFT and DPO: the base with the adapter merged, `<stage>/model/`). Each stage runs in `<out_dir>/<stage>/`
 through the training session, so a finished stage is skipped on re-run (after checking that its config did
 not change) and a killed one resumes exactly from its last checkpoint; nothing of an earlier stage is ever
-deleted or rewritten. Bad input fails before any stage runs, in one line naming the key or path.
+deleted or rewritten. Bad input fails before any stage runs, in one line naming the key or path (every
+stage's data files are checked up front, so a typo in the verifier's path does not surface an hour in).
 
 Pipeline folder: pipeline.yaml (resolved), stages.json (per stage: ran or skipped, wall time, peak memory),
 <stage>/ run folders, card.json (what the report card measured) and report.md + report/ (lmlab/tasks/card.py).
@@ -31,12 +34,14 @@ from lmlab.schema.load import apply_overrides, changed_keys, interpolate, read_r
 from lmlab.schema.pipeline import STAGE_ORDER, PipelineBase, pipeline_schema
 from lmlab.schema.dpo import DPOConfig
 from lmlab.schema.pretrain import PretrainConfig
+from lmlab.schema.reward import RewardConfig
 from lmlab.schema.sections import RecipeConfig
 from lmlab.schema.sft import SFTConfig
 from lmlab.schema.verifier import VerifierConfig
 from lmlab.tasks.card import write_card
 from lmlab.tasks.dpo import run_dpo
 from lmlab.tasks.pretrain import run_pretrain
+from lmlab.tasks.reward import run_reward
 from lmlab.tasks.sft import run_sft
 from lmlab.tasks.verifier import run_verifier
 from lmlab.train.session import SUMMARY
@@ -60,6 +65,10 @@ class Stage:
     """The keys `wire` sets: a recipe sets them only on the first stage of the chain."""
     done: Callable[[Any], bool] = lambda cfg: (Path(cfg.out_dir) / SUMMARY).is_file()
     """The run folder holds this stage's finished results."""
+    passthrough: bool = False
+    """The stage makes no new model (a scorer): the next stage gets this stage's input."""
+    links: tuple[tuple[str, str], ...] = ()
+    """(key, stage): the key is set to that stage's run folder when that stage is in the chain."""
 
 
 def final_checkpoint(cfg: PretrainConfig) -> Path:
@@ -107,7 +116,8 @@ def _dpo_model(cfg: DPOConfig) -> Path:
 STAGES: dict[str, Stage] = {
     "pretrain": Stage(PretrainConfig, run_pretrain, final_checkpoint, _set_spec),
     "sft": Stage(SFTConfig, run_sft, lambda c: merged_adapter(c, c.adapter or c.data.source), _set_spec),
-    "dpo": Stage(DPOConfig, run_dpo, _dpo_model, _set_spec),
+    "reward": Stage(RewardConfig, run_reward, lambda c: None, _set_spec, passthrough=True),
+    "dpo": Stage(DPOConfig, run_dpo, _dpo_model, _set_spec, links=(("eval.reward_model", "reward"),)),
     "verifier": Stage(VerifierConfig, run_verifier, lambda c: None, _set_generator,
                       ("generator.spec", "generator.adapter", "model.spec"), _verifier_done),
 }
@@ -140,13 +150,25 @@ def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> Pipelin
         if i:
             for key in STAGES[name].inputs:
                 if _is_set(section, key):
-                    raise ConfigError(f"{source}: {name}.{key} is set by the pipeline (the output model of stage "
-                                      f"{cfg.stages[i - 1]}); remove it, or make {name} the first stage")
+                    raise ConfigError(f"{source}: {name}.{key} is set by the pipeline ({_input_of(cfg.stages, i)}); "
+                                      f"remove it, or make {name} the first stage")
+        for key, other in STAGES[name].links:
+            if other in cfg.stages and _is_set(section, key):
+                raise ConfigError(f"{source}: {name}.{key} is set by the pipeline (the {other} stage's run folder, "
+                                  f"{Path(cfg.out_dir) / other}); remove it, or drop {other} from stages")
+        if getattr(section, "data", None) is not None:
+            _check_data(f"{source}: {name}.data", section.data)
     if cfg.report.wikitext and not Path(cfg.report.wikitext).is_file():  # read at the end: checked now
         raise DataError(f"{source}: report.wikitext={cfg.report.wikitext}: no such file")
     first = cfg.stages[0]
     _check_model(f"{source}: {first}.{STAGES[first].inputs[0]}", _get(getattr(cfg, first), STAGES[first].inputs[0]))
     return cfg
+
+
+def _input_of(names: list[str], i: int) -> str:
+    """Where stage i's input model comes from: the last earlier stage that makes one (scorers pass it on)."""
+    makers = [n for n in names[:i] if not STAGES[n].passthrough]
+    return f"the output model of stage {makers[-1]}" if makers else f"the input model of stage {names[0]}"
 
 
 def _get(section: Any, key: str) -> Any:
@@ -164,6 +186,19 @@ def _is_set(section: Any, key: str) -> bool:
     return last in section.model_fields_set and bool(getattr(section, last))
 
 
+def _check_data(where: str, data: Any) -> None:
+    """Every data file a stage section names must exist now (the stage would fail on it much later). Empty
+    paths mean the shared data folder's default, `hf:` names are read online; those are the stage's to check."""
+    for key in type(data).model_fields:
+        if not key.endswith(("path", "paths")):
+            continue
+        value = getattr(data, key)
+        for i, path in enumerate(value if isinstance(value, list) else [value]):
+            if path and not path.startswith("hf:") and not Path(path).exists():
+                index = f"[{i}]" if isinstance(value, list) else ""
+                raise DataError(f"{where}.{key}{index}={path}: no such file")
+
+
 def _check_model(where: str, spec: str) -> None:
     """A model spec that names a file or folder must exist (presets, registered and hub names aside)."""
     if spec.startswith("preset:") or spec in REGISTRY or Path(spec).exists() or looks_like_hub_name(spec):
@@ -171,12 +206,16 @@ def _check_model(where: str, spec: str) -> None:
     raise CheckpointError(f"{where}={spec}: no such file or folder")
 
 
-def stage_config(cfg: PipelineBase, name: str, input_model: Path | None) -> Any:
+def stage_config(cfg: PipelineBase, name: str, input_model: Path | str | None) -> Any:
     """The stage's recipe as it runs here: out_dir in the pipeline folder, input model wired in."""
     stage_cfg = getattr(cfg, name).model_copy(deep=True)
     stage_cfg.out_dir = str(Path(cfg.out_dir) / name)
     if input_model is not None:
         STAGES[name].wire(stage_cfg, str(input_model))
+    for key, other in STAGES[name].links:
+        if other in cfg.stages:
+            *parents, last = key.split(".")
+            setattr(_get(stage_cfg, ".".join(parents)) if parents else stage_cfg, last, str(Path(cfg.out_dir) / other))
     return stage_cfg
 
 
@@ -192,12 +231,12 @@ def run_pipeline(cfg: PipelineBase, *, force_report: bool = False) -> dict[str, 
         record_path = out / "stages.json"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         device = resolve_device("auto")
-        previous: Path | None = None
+        previous: Path | str | None = None  # the model the next stage loads: a stage's output, or a first input
         for i, name in enumerate(cfg.stages):
             stage, stage_cfg = STAGES[name], stage_config(cfg, name, previous)
-            if previous is not None and not previous.exists():
-                raise CheckpointError(f"stage {name}: its input model {previous} (the output of stage "
-                                      f"{cfg.stages[i - 1]}) is missing")
+            if isinstance(previous, Path) and not previous.exists():
+                raise CheckpointError(f"stage {name}: its input model {previous} ({_input_of(cfg.stages, i)}) "
+                                      "is missing")
             try:
                 if stage.done(stage_cfg):
                     changed = changed_keys(stage_cfg.out_dir, stage_cfg)
@@ -214,11 +253,15 @@ def run_pipeline(cfg: PipelineBase, *, force_report: bool = False) -> dict[str, 
                     record[name] = {"last": "ran", "wall_s": time.perf_counter() - t0,
                                     "peak_mem_mb": peak_memory_mb(device), "out_dir": stage_cfg.out_dir}
                     atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
-                previous = stage.output(stage_cfg)
+                made = stage.output(stage_cfg)
             except LmlabError as err:
                 raise LmlabError(f"stage {name}: {err}") from None
-            if previous is not None:
-                record[name]["model"] = str(previous)
+            if stage.passthrough:
+                previous = previous if previous is not None else _get(stage_cfg, stage.inputs[0])
+            else:
+                previous = made
+                if made is not None:
+                    record[name]["model"] = str(made)
         atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
         report = write_card(cfg, {n: stage_config(cfg, n, None) for n in cfg.stages}, record, force=force_report)
     finally:
