@@ -1,8 +1,9 @@
 """Serving throughput and latency: `lmlab serve` vs llama-cpp-python's OpenAI server, same GGUF, same prompts.
 
 Both servers run on 127.0.0.1 at once (each idle while the other is measured), with the embedded
-SmolLM2-135M-Instruct Q4_1 GGUF: lmlab dequantizes it (to int8 weights with --quantize int8, the default
-here), llama.cpp runs the Q4_1 file natively. For each concurrency (1, 4, 8, 16), `--requests-per-slot`
+SmolLM2-135M-Instruct Q4_1 GGUF: lmlab keeps it packed (`--quantize auto`, the default: packed int4 kernels,
+fused projections, the few-call decode step of lmlab generate; `int8` dequantizes to int8 weights), llama.cpp
+runs the Q4_1 file natively. For each concurrency (1, 4, 8, 16), `--requests-per-slot`
 x concurrency streamed chat completions (Alpaca instructions, greedy, max_tokens 128) are sent with that
 many in flight, alternating servers level by level so machine load hits both alike. Reported: total
 output tokens/s (tokens counted with the model's own tokenizer on each answer, the same for both servers),
@@ -11,7 +12,7 @@ time to first token and time per output token after the first (p50, p95 over req
 llama-cpp-python's server decodes one request at a time (its requests wait on a lock); it is started with
 `--interrupt_requests False` so a new request queues instead of cutting off the running stream.
 
-    python benchmarks/serve.py [--levels 1 4 8 16] [--quantize int8] [--record]
+    python benchmarks/serve.py [--levels 1 4 8 16] [--quantize auto] [--record]
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
     ap.add_argument("--min-requests", type=int, default=8)
-    ap.add_argument("--quantize", default="int8", choices=["none", "int8"], help="lmlab's weights")
+    ap.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"], help="lmlab's weights")
     ap.add_argument("--speculative", help="lmlab serve --speculative (e.g. prompt-lookup)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)

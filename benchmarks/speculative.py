@@ -6,10 +6,13 @@ open-ended Alpaca instructions (little to copy). Each prompt is decoded plainly 
 turn (interleaved, so machine load hits all alike); the speedup is the ratio of total tokens/s, the median
 of per-prompt ratios beside it. Greedy outputs are checked equal to plain decoding.
 
-Drafters: prompt lookup with k draft tokens, and a draft model: SmolLM2 itself with int8 weights
-(lmlab/model/quantize.py), the only smaller model with this vocabulary here.
+The target runs as `lmlab generate` runs it by default (`--quantize auto`: the GGUF's Q4_1 kept as packed
+int4, plain steps and verify forwards in the few-call decode path, lmlab/model/decode.py), or with float
+(`none`) or int8 weights. Drafters: prompt lookup with k draft tokens, and (with float or int8 targets) a
+draft model: SmolLM2 itself with int8 weights (lmlab/model/quantize.py), the only smaller model with this
+vocabulary here.
 
-    python benchmarks/speculative.py [--prompts 20] [--max-new 128] [--dtype bf16] [--record]
+    python benchmarks/speculative.py [--prompts 20] [--max-new 128] [--quantize auto] [--record]
 """
 
 from __future__ import annotations
@@ -91,15 +94,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=20, help="prompts per set")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantize", default="none", choices=["none", "int8"], help="the target's weights")
+    ap.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"], help="the target's weights")
     ap.add_argument("--k", type=int, nargs="+", default=[3, 5, 8], help="prompt-lookup draft tokens")
     ap.add_argument("--no-draft-model", action="store_true")
     ap.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     args = ap.parse_args()
     dtype = inference_dtype(args.dtype)
-    loaded = load_model("smollm2-135m-instruct", dtype=dtype)
+    loaded = load_model("smollm2-135m-instruct", dtype=dtype, quantize="auto" if args.quantize == "auto" else "none")
     model, tok = loaded.model, loaded.tokenizer
-    draft = None if args.no_draft_model else quantize_int8(copy.deepcopy(model), dtype)
+    draft = None if args.no_draft_model or args.quantize == "auto" else quantize_int8(copy.deepcopy(model), dtype)
     if args.quantize == "int8":
         quantize_int8(model, dtype)
     drafters = {f"prompt lookup, k={k}": (lambda k=k: PromptLookup(k)) for k in args.k}
@@ -117,7 +120,8 @@ def main() -> None:
         header = (f"\n## Speculative decoding, batch 1 ({time.strftime('%Y-%m-%d')}, "
                   f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load {load})\n\n"
                   f"SmolLM2-135M-Instruct {str(dtype).removeprefix('torch.')}"
-                  f"{' int8 weights' if args.quantize == 'int8' else ''}, greedy, chat template, up to "
+                  f"{' int8 weights' if args.quantize == 'int8' else ''}"
+                  f"{' (--quantize auto: Q4_1 packed int4)' if args.quantize == 'auto' else ''}, greedy, chat template, up to "
                   f"{args.max_new} new tokens, {args.prompts} prompts per set; command: "
                   f"`python benchmarks/speculative.py {' '.join(__import__('sys').argv[1:])}`\n\n")
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:

@@ -100,3 +100,62 @@ def test_cache_advance_is_begin_for_one_token() -> None:
     assert a.length == b.length == 6
     with pytest.raises(ValueError, match="KV cache full"):
         b.advance()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_fast_step_on_a_servers_first_rows_with_holes(quant: str) -> None:
+    """lmlab serve's cache: live sequences in the first rows of a larger cache, rejected drafts left as masked
+    holes (KVCache.discard). The fast step over the first B rows computes what the forward computes."""
+    model = tiny(quant)
+    prompts = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(3))
+    caches = [KVCache(model.config, 4, 24) for _ in range(2)]  # 4 rows, 2 live
+    fast = FastDecoder(model, 2)
+    tol = 1e-5 if quant == "none" else 2e-2
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompts, cache=cache)
+            model(torch.randint(0, 96, (2, 3), generator=torch.Generator().manual_seed(4)), cache=cache)  # a verify
+            cache.discard(torch.tensor([1, 2]), 3)  # row 0 keeps 1 of the 3, row 1 keeps 2: holes
+        assert caches[1].has_padding and not bool(caches[1].key_mask[0, caches[1].length - 1])
+        for step in range(4):
+            ids = torch.randint(0, 96, (2,), generator=torch.Generator().manual_seed(20 + step))
+            want = model(ids[:, None], cache=caches[0], last_only=True)[:, -1]
+            got = fast.step(ids, caches[1])
+            torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=0)
+        for key in ("key_mask", "slot_pos", "next_pos"):
+            assert torch.equal(getattr(caches[1], key)[:2], getattr(caches[0], key)[:2]), key
+
+
+@pytest.mark.parametrize(("quant", "kw"), [("none", {}), ("int8", {}), ("none", dict(qkv_bias=True, n_kv_heads=1))])
+def test_fast_forward_of_several_tokens_equals_the_forward(quant: str, kw: dict) -> None:
+    """Speculative decoding's verify forward: T tokens per row, a row right-padded (fewer drafts), the
+    rejected ones discarded into holes, then more verifies and single steps; logits and cache as the forward's."""
+    model = tiny(quant, **kw)
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randint(0, 96, (3, 6), generator=g)
+    left = torch.ones(3, 6, dtype=torch.bool)
+    left[2, :2] = False
+    caches = [KVCache(model.config, 4, 40) for _ in range(2)]  # a spare row, as a server's cache
+    fast = FastDecoder(model, 3 * 4)
+    tol = 1e-5 if quant == "none" else 2e-2
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompts, left, cache=cache)
+        for round_ in range(3):
+            ids = torch.randint(0, 96, (3, 4), generator=g)
+            mask = torch.ones(3, 4, dtype=torch.bool)
+            mask[1, 2:] = False  # row 1 has two drafts fewer
+            want = model(ids, mask, cache=caches[0])
+            got = fast.forward_tokens(ids, mask, caches[1])
+            real = mask[..., None].expand_as(want)  # padded positions' logits are never read
+            torch.testing.assert_close(got.float()[real], want.float()[real], atol=tol * want.abs().max().item(), rtol=0)
+            keep = torch.tensor([1 + round_, 2, 4])
+            for cache in caches:
+                cache.discard(keep, 4)
+            step = torch.randint(0, 96, (3,), generator=g)
+            want = model(step[:, None], cache=caches[0], last_only=True)[:, -1]
+            torch.testing.assert_close(fast.step(step, caches[1]).float(), want.float(),
+                                       atol=tol * want.abs().max().item(), rtol=0)
+        for key in ("key_mask", "slot_pos", "next_pos"):
+            assert torch.equal(getattr(caches[1], key)[:3], getattr(caches[0], key)[:3]), key
+        assert caches[1].length == caches[0].length

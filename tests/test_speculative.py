@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 from lmlab.errors import ConfigError
-from lmlab.generation.generate import GenerationConfig, generate, generate_ids
+from lmlab.generation.generate import GenerationConfig, encode_prompt, generate, generate_ids
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.generation.speculative import (
     DraftModel,
@@ -83,6 +83,37 @@ def test_greedy_speculative_equals_plain_greedy(stories, drafter: str) -> None:
         assert speculative_generate_ids(model, batch, cfg, make(), stats=stats) == [plain[prompts.index(batch[0])]]
         assert 0 < stats["accepted"] < stats["drafted"]  # both paths of the rule were taken
     assert speculative_generate_ids(model, prompts, cfg, make()) == plain  # a batch: holes per row
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_speculative_on_quantized_weights(shared_data, quantize: str) -> None:
+    """The default GGUF path keeps weights quantized (its embedding table is an Int8Embedding, no `weight`):
+    speculative decoding, with prompt lookup and with a quantized draft model, runs on it and gives plain
+    greedy decoding's tokens (fp32 compute, so the 1-token and the verify forwards round alike)."""
+    path = shared_data / "stories260K" / "stories260K.bin"
+    model = load_model(path, dtype="fp32", quantize=quantize).model
+    draft = load_model(path, dtype="fp32", quantize=quantize).model
+    tok = load_model(path, dtype="fp32").tokenizer
+    prompts = [tok.encode(t, bos=True) for t in ["Once upon a time", "Lily and Ben went to the park. Lily"]]
+    cfg = GenerationConfig(max_new_tokens=40, sampling=GREEDY)
+    plain = [generate_ids(model, [p], cfg)[0] for p in prompts]
+    for make in (lambda: PromptLookup(k=4), lambda: DraftModel(draft, k=3)):
+        stats: dict = {}
+        assert [speculative_generate_ids(model, [p], cfg, make(), stats=stats)[0] for p in prompts] == plain
+        assert stats["accepted"] > 0
+
+
+def test_speculative_on_the_default_packed_gguf() -> None:
+    """`lmlab generate --speculative` on the embedded default (Q4_1 kept packed, the tied embedding an
+    Int8Embedding with no `weight`: this was an AttributeError): fp32 greedy output equals plain decoding."""
+    loaded = load_model("smollm2-135m-instruct", quantize="auto", dtype="fp32")
+    model, tok = loaded.model, loaded.tokenizer
+    prompt = encode_prompt(tok, "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox", chat=True)
+    cfg = GenerationConfig(max_new_tokens=24, sampling=GREEDY, stop_ids=tuple(tok.stop_ids))
+    stats: dict = {}
+    plain = generate_ids(model, [prompt], cfg)[0]
+    assert speculative_generate_ids(model, [prompt], cfg, PromptLookup(k=4), stats=stats)[0] == plain
+    assert tok.decode(plain).startswith("The quick brown fox") and stats["accepted"] > 0
 
 
 def test_greedy_speculative_text_and_stop_strings(stories) -> None:

@@ -33,8 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer file/folder when the model has none beside it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: weight-only int8 linears for the layers no adapter changes")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"],
+                   help="auto: as lmlab generate (a GGUF's 4/8-bit weights kept packed, projections fused, the "
+                        "few-call decode step); with --adapter on CPU, int8 for the layers no adapter changes (LoRA needs "
+                        "the unfused projections); none: float weights; int8: weight-only int8 linears")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -70,13 +72,15 @@ def build(args: argparse.Namespace):
     adapters = _adapters(args.adapter)  # a bad flag fails before the model loads
     resolve_device(args.device, "--device")
     dtype = inference_dtype(args.dtype, args.device)
-    loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    packed = args.quantize == "auto" and not adapters  # adapters attach to float, unfused projections
+    loaded = load_model(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
+                        quantize="auto" if packed else "none")
     if loaded.tokenizer is None:
         raise ConfigError(f"{loaded.source}: no tokenizer found beside the model; pass --tokenizer")
     model = loaded.model
     for name, path in adapters:
         load_adapter(model, path, name=name)  # lmlab or peft, told apart by the config
-    if args.quantize == "int8":
+    if args.quantize == "int8" or (args.quantize == "auto" and adapters and model.device.type == "cpu"):
         from lmlab.model.quantize import quantize_int8
 
         quantize_int8(model, dtype)

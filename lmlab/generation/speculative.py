@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from lmlab.errors import ConfigError
 from lmlab.generation.generate import GenerationConfig, _cache_dtype, left_pad
 from lmlab.generation.sampling import SamplingConfig, transform_logits
+from lmlab.model.decode import FastDecoder, fast_decode_supported
 from lmlab.model.kv_cache import KVCache
+from lmlab.model.quantize import linear_dtype
 from lmlab.model.transformer import Transformer
 from lmlab.weights.loading import load_model
 
@@ -123,7 +125,7 @@ class DraftModel:
             raise ConfigError(f"draft model vocabulary has {model.config.vocab_size} tokens, the target "
                               f"{vocab_size}: speculative decoding needs the same vocabulary")
         self.model, self.k = model.eval(), k
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.cache: KVCache | None = None
         self._fed = 0  # slots the last proposal added to the cache
         self._width = 0  # of which the catch-up feed (left-padded)
@@ -175,8 +177,7 @@ def make_drafter(spec: str, k: int, target: Transformer, dtype: torch.dtype | No
     """`prompt-lookup`, or any model spec `load_model` takes (loaded beside the target, same vocabulary)."""
     if spec == "prompt-lookup":
         return PromptLookup(k)
-    device = target.tok_embeddings.weight.device
-    draft = load_model(spec, device=device, dtype=dtype or target.tok_embeddings.weight.dtype).model
+    draft = load_model(spec, device=target.device, dtype=dtype or linear_dtype(target.output)).model
     return DraftModel(draft, k, vocab_size=target.config.vocab_size)
 
 
@@ -190,10 +191,11 @@ def _draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> 
 def verify(
     model: Transformer, cache: KVCache, pending: Sequence[int], drafts: Sequence[Sequence[int]],
     q: torch.Tensor | None, cfgs: Sequence[SamplingConfig], generators: Sequence[torch.Generator | None],
+    fast: FastDecoder | None = None,
 ) -> tuple[list[list[int]], list[int]]:
-    """Feed each row's pending token and drafts in one target forward (rows of the cache's first B),
-    apply the rule, drop rejected slots; returns each row's new tokens (accepted drafts + one more) and
-    its number of accepted drafts."""
+    """Feed each row's pending token and drafts in one target forward (rows of the cache's first B; with
+    `fast`, its few-call forward, lmlab/model/decode.py), apply the rule, drop rejected slots; returns each
+    row's new tokens (accepted drafts + one more) and its number of accepted drafts."""
     B = len(pending)
     T = 1 + max(len(d) for d in drafts)
     device = cache.k.device
@@ -204,7 +206,10 @@ def verify(
         mask[r, : 1 + len(d)] = True
     tokens, mask = tokens.to(device), mask.to(device)
     cache.make_room(T, B)
-    logits = model(tokens, mask if T > 1 else None, cache=cache)
+    if fast is not None:
+        logits = fast.forward_tokens(tokens, mask, cache) if T > 1 else fast.step(tokens[:, 0], cache)[:, None]
+    else:
+        logits = model(tokens, mask if T > 1 else None, cache=cache)
     p = row_probs(logits.float(), cfgs)  # (B, T, V)
     out, accepted = [], []
     for r, d in enumerate(drafts):
@@ -239,7 +244,7 @@ def speculative_generate_ids(
     if model.config.sink_tokens:
         raise ConfigError("speculative decoding needs a plain KV cache, not attention sinks (sink_tokens > 0)")
     model.eval()
-    device = model.tok_embeddings.weight.device
+    device = model.device
     tokens, mask = left_pad(prompts, pad_id)
     B, longest = tokens.shape
     capacity = longest + cfg.max_new_tokens + drafter.k + 1  # + k: rows with fewer outputs draft more
@@ -249,6 +254,7 @@ def speculative_generate_ids(
     if isinstance(drafter, DraftModel):
         drafter.cache = drafter.prefill(prompts, pad_id, capacity + drafter.k + 1)
     logits = model(tokens.to(device), mask.to(device), cache=cache, last_only=True)[:, -1]
+    fast = FastDecoder(model, B * (drafter.k + 1)) if fast_decode_supported(model, cache) else None
     first = _draw(token_probs(logits.float(), cfg.sampling), [generator])
     stop = set(cfg.stop_ids)
     outputs: list[list[int]] = [[] for _ in range(B)]
@@ -273,7 +279,7 @@ def speculative_generate_ids(
         limits = [cfg.max_new_tokens - len(outputs[r]) - 1 for r in rows]
         drafts, q = drafter.propose(live, limits, [cfg.sampling] * len(rows), [generator] * len(rows))
         new, accepted = verify(model, cache, [h[-1] for h in live], drafts, q, [cfg.sampling] * len(rows),
-                               [generator] * len(rows))
+                               [generator] * len(rows), fast)
         drafter.accepted(accepted)
         counts["steps"] += 1
         counts["drafted"] += sum(map(len, drafts))

@@ -117,22 +117,23 @@ class FastDecoder:
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, vocab) for one new token per row (ids (B,)), appended to the cache."""
+        """Logits (B, vocab) for one new token per row (ids (B,)), appended to the cache's first B rows (a
+        server's cache has free rows after its live ones)."""
         c, model = self.config, self.model
         B, H, Hkv, D = ids.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
         G, nq, nkv, L = H // Hkv, H * D, Hkv * D, c.n_layers
-        start, positions = cache.advance()
+        start, positions = cache.advance(B)
         S = start + 1
         cos, sin = rope_angles(positions, model.rope_inv_freq, c.rope_scaling, c.rope_scaling_factor)
         rot = torch.complex(cos, sin)[:, None] * self.head_scale  # (B, H + Hkv, D/2)
         # this step's cache slots and filled prefix, as views per layer: (B, Hkv, D) and (B Hkv, S|D, D|S)
-        k_new, v_new = cache.k[:, :, :, start].unbind(0), cache.v[:, :, :, start].unbind(0)
-        keys = cache.k[:, :, :, :S].reshape(L, B * Hkv, S, D).transpose(-1, -2).unbind(0)
-        values = cache.v[:, :, :, :S].reshape(L, B * Hkv, S, D).unbind(0)
+        k_new, v_new = cache.k[:, :B, :, start].unbind(0), cache.v[:, :B, :, start].unbind(0)
+        keys = cache.k[:, :B, :, :S].reshape(L, B * Hkv, S, D).transpose(-1, -2).unbind(0)
+        values = cache.v[:, :B, :, :S].reshape(L, B * Hkv, S, D).unbind(0)
         bias = None
-        if cache.has_padding:  # left padding: padded slots are never attended to
+        if cache.has_padding:  # left padding (and a server's holes): those slots are never attended to
             bias = torch.zeros(B, Hkv, 1, S, device=ids.device)
-            bias.masked_fill_(~cache.key_mask[:, None, None, :S], float("-inf"))
+            bias.masked_fill_(~cache.key_mask[:B, None, None, :S], float("-inf"))
             bias = bias.view(B * Hkv, 1, S)
         x = model.tok_embeddings(ids).float()  # (B, dim), the fp32 residual stream
         for i, layer in enumerate(self.layers):
@@ -149,3 +150,39 @@ class FastDecoder:
             gate, up = gate_up.chunk(2, -1)
             x += layer.w2(torch.nn.functional.silu(gate).mul_(up))
         return self.output(self._rms_norm(x, self.norm))
+
+    @torch.inference_mode()
+    def forward_tokens(self, ids: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, T, vocab) for T new tokens per row (ids, mask (B, T); False = right padding, e.g. a row
+        with fewer drafts), appended to the cache's first B rows: speculative decoding's verify forward,
+        with `step`'s few calls (one matmul per projection for all B*T tokens, causal within the T)."""
+        c, model = self.config, self.model
+        (B, T), H, Hkv, D = ids.shape, c.n_heads, c.n_kv_heads, c.head_dim
+        G, nq, nkv, L = H // Hkv, H * D, Hkv * D, c.n_layers
+        start, positions = cache.begin(mask)  # (B, T) positions; the padded slots' key_mask False
+        S = start + T
+        cos, sin = rope_angles(positions, model.rope_inv_freq, c.rope_scaling, c.rope_scaling_factor)
+        rot = torch.complex(cos, sin)[:, :, None] * self.head_scale  # (B, T, H + Hkv, D/2)
+        keys = cache.k[:, :B, :, :S].reshape(L, B * Hkv, S, D).transpose(-1, -2)[:, :, None].unbind(0)
+        values = cache.v[:, :B, :, :S].reshape(L, B * Hkv, S, D)[:, :, None].unbind(0)
+        # a query sees the real slots up to its own: (B Hkv, 1, T, S), broadcast over the G heads of a group
+        seen = cache.key_mask[:B, None, :S] & (torch.arange(S, device=ids.device) <= start +
+                                               torch.arange(T, device=ids.device)[:, None])  # (B, T, S)
+        bias = torch.zeros(B, T, S, device=ids.device).masked_fill_(~seen, float("-inf"))
+        bias = bias[:, None].expand(B, Hkv, T, S).reshape(B * Hkv, 1, T, S)
+        x = model.tok_embeddings(ids.reshape(-1)).float()  # (B T, dim)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.wqkv(self._rms_norm(x, layer.attention_norm)).view(B, T, -1)
+            qk = torch.view_as_complex(qkv[..., : nq + nkv].view(B, T, H + Hkv, D // 2, 2).float()) * rot
+            qk = torch.view_as_real(qk).view(B, T, H + Hkv, D)
+            cache.k[i, :B, :, start:S] = qk[:, :, H:].transpose(1, 2)
+            cache.v[i, :B, :, start:S] = qkv[..., nq + nkv :].view(B, T, Hkv, D).transpose(1, 2)
+            q = qk[:, :, :H].reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G, T, D)
+            scores = torch.matmul(q, keys[i]) + bias  # (B Hkv, G, T, S)
+            y = torch.matmul(scores.softmax(-1), values[i])  # (B Hkv, G, T, D)
+            y = y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, nq)
+            x += layer.wo(y.to(self.dtype))
+            gate_up = layer.w13(self._rms_norm(x, layer.ffn_norm))
+            gate, up = gate_up.chunk(2, -1)
+            x += layer.w2(torch.nn.functional.silu(gate).mul_(up))
+        return self.output(self._rms_norm(x, self.norm)).view(B, T, -1)

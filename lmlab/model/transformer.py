@@ -138,6 +138,11 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     @property
+    def device(self) -> torch.device:
+        """Where the model lives (the embedding table may be a quantized module with no `weight`)."""
+        return self.norm.weight.device
+
+    @property
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE load-balancing losses of the last forward, times its coefficient; None if dense."""
         losses = [b.feed_forward.aux_loss for b in self.layers if isinstance(b.feed_forward, MoEFeedForward)]

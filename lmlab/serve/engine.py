@@ -32,7 +32,9 @@ from lmlab.errors import ConfigError, LmlabError
 from lmlab.generation.generate import _cache_dtype, cut_at_stop, left_pad
 from lmlab.generation.sampling import SamplingConfig, sample_next
 from lmlab.generation.speculative import Drafter, DraftModel, verify
+from lmlab.model.decode import FastDecoder, fast_decode_supported
 from lmlab.model.kv_cache import KVCache
+from lmlab.model.quantize import KERNEL_MAX_ROWS
 from lmlab.model.transformer import Transformer
 from lmlab.tokenization import StreamDecoder
 
@@ -139,7 +141,7 @@ class Engine:
         if cfg.context > model.config.max_seq_len and model.config.pos == "learned":
             raise ConfigError(f"context {cfg.context} > the model's learned positions ({model.config.max_seq_len})")
         self.model, self.tokenizer, self.cfg, self.drafter = model.eval(), tokenizer, cfg, drafter
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         self.stop_ids = set(tokenizer.stop_ids)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.has_adapters = any(True for _ in lora_modules(model))
@@ -148,6 +150,10 @@ class Engine:
         k = drafter.k if drafter is not None else 0
         self.capacity = cfg.context + k + 1 + 256  # slack: the views move forward ~256 steps between repacks
         self.cache = self._new_cache()
+        # the few-call decode step of `lmlab generate` (lmlab/model/decode.py), one per kernel choice (batch
+        # sizes up to KERNEL_MAX_ROWS call the quantized kernels); not with adapters: its fused kernels skip LoRA
+        self._fast: dict[bool, FastDecoder] | None = \
+            {} if not self.has_adapters and fast_decode_supported(model, self.cache) else None
         if isinstance(drafter, DraftModel):
             drafter.cache = drafter.new_cache(cfg.max_batch, self.capacity + k + 1)
         self.rows: list[_Seq] = []
@@ -281,8 +287,12 @@ class Engine:
             return self._speculative_step()
         self.cache.make_room(1, len(rows))
         tokens = torch.tensor([s.history[-1] for s in rows], device=self.device)[:, None]
-        with self._adapters([s.req.adapter for s in rows]):
-            logits = self.model(tokens, cache=self.cache, last_only=True)[:, -1]
+        fast = self._fast_decoder(len(rows))
+        if fast is not None:
+            logits = fast.step(tokens[:, 0], self.cache)
+        else:
+            with self._adapters([s.req.adapter for s in rows]):
+                logits = self.model(tokens, cache=self.cache, last_only=True)[:, -1]
         for s, token, i in zip(rows, self._sample(logits, rows), range(len(rows))):
             self._advance(s, [token], logits[i : i + 1])
         self.stats["steps"] += 1
@@ -293,8 +303,9 @@ class Engine:
         limits = [self._room(s) - 1 for s in rows]
         cfgs, gens = [s.req.sampling for s in rows], [s.generator for s in rows]
         drafts, q = self.drafter.propose([s.history for s in rows], limits, cfgs, gens)
+        fast = self._fast_decoder(len(rows) * (self.drafter.k + 1))
         with self._adapters([s.req.adapter for s in rows]):
-            new, accepted = verify(self.model, self.cache, [s.history[-1] for s in rows], drafts, q, cfgs, gens)
+            new, accepted = verify(self.model, self.cache, [s.history[-1] for s in rows], drafts, q, cfgs, gens, fast)
         self.drafter.accepted(accepted)
         for s, tokens in zip(rows, new):
             self._advance(s, tokens, None)
@@ -302,6 +313,13 @@ class Engine:
         self.stats["drafted"] += sum(map(len, drafts))
         self.stats["accepted"] += sum(accepted)
         self._remove_finished()
+
+    def _fast_decoder(self, tokens: int) -> FastDecoder | None:
+        """The few-call step for a forward of this many tokens (None: the model's forward)."""
+        if self._fast is None:
+            return None
+        small = tokens <= KERNEL_MAX_ROWS
+        return self._fast.get(small) or self._fast.setdefault(small, FastDecoder(self.model, tokens))
 
     def _sample(self, logits: torch.Tensor, rows: list[_Seq]) -> list[int]:
         """Each row with its own settings and generator; greedy rows in one argmax."""
