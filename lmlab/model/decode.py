@@ -115,6 +115,13 @@ class FastDecoder:
         r = torch.rsqrt(torch.addcmul(self.eps, n, n, value=1 / x.shape[-1]))
         return torch.mul(x * r, weight, out=torch.empty(x.shape, dtype=self.dtype, device=x.device))
 
+    def _out_and_mlp(self, x: torch.Tensor, layer: _Layer, y: torch.Tensor) -> None:
+        """The rest of a block on the fp32 stream x (rows, dim), in place: attention output y (rows, H D)
+        through wo, then the SwiGLU MLP, each added to x."""
+        x += layer.wo(y.to(self.dtype))
+        gate, up = layer.w13(self._rms_norm(x, layer.ffn_norm)).chunk(2, -1)
+        x += layer.w2(torch.nn.functional.silu(gate).mul_(up))
+
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab) for one new token per row (ids (B,)), appended to the cache's first B rows (a
@@ -145,10 +152,7 @@ class FastDecoder:
             q = qk[:, :H].reshape(B * Hkv, G, D)
             scores = torch.bmm(q, keys[i]) if bias is None else torch.baddbmm(bias, q, keys[i])  # (B Hkv, G, S)
             y = torch.bmm(scores.softmax(-1), values[i])  # (B Hkv, G, D)
-            x += layer.wo(y.view(B, nq).to(self.dtype))
-            gate_up = layer.w13(self._rms_norm(x, layer.ffn_norm))
-            gate, up = gate_up.chunk(2, -1)
-            x += layer.w2(torch.nn.functional.silu(gate).mul_(up))
+            self._out_and_mlp(x, layer, y.view(B, nq))
         return self.output(self._rms_norm(x, self.norm))
 
     @torch.inference_mode()
@@ -181,8 +185,5 @@ class FastDecoder:
             scores = torch.matmul(q, keys[i]) + bias  # (B Hkv, G, T, S)
             y = torch.matmul(scores.softmax(-1), values[i])  # (B Hkv, G, T, D)
             y = y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, nq)
-            x += layer.wo(y.to(self.dtype))
-            gate_up = layer.w13(self._rms_norm(x, layer.ffn_norm))
-            gate, up = gate_up.chunk(2, -1)
-            x += layer.w2(torch.nn.functional.silu(gate).mul_(up))
+            self._out_and_mlp(x, layer, y)
         return self.output(self._rms_norm(x, self.norm)).view(B, T, -1)
