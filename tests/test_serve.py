@@ -277,7 +277,9 @@ def test_queue_limit_503_disconnect_frees_the_slot_and_time_limit(stories) -> No
 
 def test_the_serve_command_with_an_api_key_and_lmlab_generate_parity(shared_data, tmp_path: Path) -> None:
     """The real CLI: `lmlab serve` as a subprocess (key required on /v1, /health open), its greedy output
-    equal to `lmlab generate`'s; a bad --adapter is a one-line error."""
+    equal to `lmlab generate`'s; SIGTERM stops it cleanly (the decode loop runs on its main thread, uvicorn
+    in a helper); a port already taken ends it with uvicorn's error and a failing status; a bad --adapter is
+    a one-line error."""
     bin_ = str(shared_data / "stories260K" / "stories260K.bin")
     env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "gen.jsonl"
@@ -308,9 +310,13 @@ def test_the_serve_command_with_an_api_key_and_lmlab_generate_parity(shared_data
         assert c.models.list().data[0].id == "stories260K"
         r = c.completions.create(model="stories260K", prompt=PROMPTS[3], max_tokens=30, temperature=0)
         assert r.choices[0].text == expected
+        taken = subprocess.run([sys.executable, "-m", "lmlab", "serve", bin_, "--port", str(port)], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert taken.returncode != 0 and "address already in use" in taken.stderr
+        assert client(url, "sekrit").models.list().data[0].id == "stories260K"  # the first one still serves
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0
     bad = subprocess.run([sys.executable, "-m", "lmlab", "serve", bin_, "--adapter", str(tmp_path / "missing")],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from lmlab.commands._args import at_least, between, positive_number
 
@@ -99,13 +101,44 @@ def build(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> None:
+    """uvicorn in a helper thread, the decode loop on the main thread (lmlab/serve/engine.py says why: the
+    same step runs ~4x slower in a second thread). Ctrl-C or SIGTERM stops both; so does a server that fails
+    to start (e.g. the port is taken), with its exit status."""
     app = build(args)
     import uvicorn
 
-    engine = app.state.served.engine.start()
+    engine = app.state.served.engine
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    failed: list[int] = []
+
+    def serve() -> None:
+        try:
+            server.run()
+        except SystemExit as exit:  # uvicorn exits when it cannot bind
+            failed.append(int(exit.code or 1))
+        except BaseException:
+            failed.append(1)
+            raise
+        finally:
+            engine.close()
+
     models = [app.state.served.name, *app.state.served.adapters]
     print(f"lmlab serve: {models} on http://{args.host}:{args.port} (chat page at /, API at /v1)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, _interrupt)
+    thread = threading.Thread(target=serve, name="lmlab-http", daemon=True)
+    thread.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        engine.run()
+    except KeyboardInterrupt:
+        pass
     finally:
+        server.should_exit = True
         engine.close()
+        thread.join(timeout=30)
+    if failed:
+        raise SystemExit(failed[0])
+
+
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM stops the server as Ctrl-C does (the loop on the main thread sees KeyboardInterrupt)."""
+    raise KeyboardInterrupt

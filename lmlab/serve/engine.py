@@ -10,8 +10,12 @@ Iteration-level scheduling as in Orca (Yu et al. 2022) and the slots of llama.cp
 - LoRA adapters per request: every forward runs under `adapters_per_row`, so one batch mixes adapters (the
   base matmul once, each adapter's low-rank update on its own rows).
 
-The engine runs in its own thread (torch releases the GIL, so the HTTP event loop keeps serving); each
-request reports through its `sink` callback, called from that thread.
+The loop runs in the thread that calls `run()` (torch releases the GIL, so the HTTP event loop keeps serving
+from another thread), or in a thread of its own after `start()`; each request reports through its `sink`
+callback, called from the loop's thread. `lmlab serve` runs it on the main thread: with torch's OpenMP, a
+second thread that issues parallel ops gets a second worker team, libgomp then counts more threads than CPUs
+and lets idle workers sleep at once instead of spinning, so each of the decode step's ~1,000 small ops pays a
+futex wake-up: the same step was 4x slower in a helper thread (~40 vs ~10 ms on 2 cores, measured).
 """
 
 from __future__ import annotations
@@ -170,14 +174,20 @@ class Engine:
     # ---- called from other threads
 
     def start(self) -> Engine:
+        """The loop in a thread of its own (tests, embedding); see the module docstring for why `run` is faster."""
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """The loop in the calling thread, until `close()` (from another thread)."""
+        self._run()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     def submit(self, requests: Sequence[Request], sinks: Sequence[Sink], timeout_s: float | None = None) -> list[Handle]:
         """Queue requests (all or none): QueueFull when the queue cannot take them all."""
