@@ -37,11 +37,12 @@ def section(reward: dict, dpo: dict, reward_cfg: dict, dpo_cfg: dict) -> str:
     before, after = dpo["before"]["test"], dpo["after"]["test"]
     lines = [
         (f"SmolLM2-135M-Instruct (bf16 autocast, CPU). Data: `{d['paths'][0].split('/data/')[-1]}` split "
-        f"{d['split']} (seed {d['split_seed']}): {dpo['data']['train']['pairs']} training pairs (max_train "
+        f"{d['split']} (seed {d['split_seed']}): {dpo['data']['train']['pairs']} training pairs for DPO (max_train "
         f"{d['max_train'] or 'all'}), {dpo['data']['val']['pairs']} validation, {dpo['data']['test']['pairs']} test; "
         f"prompts cut to their last {d['max_prompt_len']} tokens, sequences to {d['max_len']}."),
         "",
-        (f"- Reward model (`{REWARD_RECIPE}`): LoRA r {reward_cfg['lora']['rank']} on "
+        (f"- Reward model (`{REWARD_RECIPE}`): {reward['data']['train']['pairs']} training pairs (max_train "
+        f"{reward_cfg['data']['max_train'] or 'all'}), LoRA r {reward_cfg['lora']['rank']} on "
         f"{reward_cfg['lora']['target_modules']}, lr {reward_cfg['optim']['lr']}, head x{reward_cfg['reward']['head_lr_mult']}, "
         f"centring {reward_cfg['reward']['center']}, {reward['train']['steps']} steps of "
         f"{reward_cfg['train']['batch_size'] * reward_cfg['train']['grad_accum']} pairs in "

@@ -186,7 +186,7 @@ class Engine:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread.is_alive():  # started by start(); after run() the caller's thread returns by itself
             self._thread.join(timeout=30)
 
     def submit(self, requests: Sequence[Request], sinks: Sequence[Sink], timeout_s: float | None = None) -> list[Handle]:
