@@ -311,7 +311,7 @@ def test_the_serve_command_with_an_api_key_and_lmlab_generate_parity(shared_data
         r = c.completions.create(model="stories260K", prompt=PROMPTS[3], max_tokens=30, temperature=0)
         assert r.choices[0].text == expected
         taken = subprocess.run([sys.executable, "-m", "lmlab", "serve", bin_, "--port", str(port)], env=env,
-                               capture_output=True, text=True, timeout=120)
+                               capture_output=True, text=True, timeout=120, check=False)
         assert taken.returncode != 0 and "address already in use" in taken.stderr
         assert client(url, "sekrit").models.list().data[0].id == "stories260K"  # the first one still serves
     finally:
