@@ -2,11 +2,14 @@
 
 SmolLM2-135M-Instruct (the embedded Q4_1 GGUF), a 208-token prompt, 128 greedy new tokens. Engines:
 - `lmlab` with its default settings (`lmlab generate` = `--quantize auto`: the file's Q4_1 blocks as packed
-  int4, its Q8_0 embedding as the int8 output head, bf16 activations, the few-call decode step);
+  int4, its Q8_0 embedding as the int8 output head, the kernels' bf16 activations, the few-call decode step;
+  the dtype `lmlab generate` picks: bf16 where the CPU has native bf16, else fp32);
 - `lmlab int8` (`--quantize int8`: dequantized and requantized per channel, the previous fast setting);
 - `llama.cpp` (llama-cpp-python, the same file, as many threads as torch uses);
 - with --all also `lmlab bf16` (`--quantize none`) and transformers (fp32, its own GGUF reader).
-Each round runs every engine once (interleaved: the machine is shared, a noisy neighbour hurts all alike);
+Each round runs every engine once, each in a fresh process of its own (interleaved: the machine is shared,
+a noisy neighbour hurts all alike; and one process per engine, because two OpenMP thread teams in one
+process - torch's and ggml's - slow each other: idle workers of one team park while the other runs);
 the table shows medians over rounds. Reported: prefill tokens/s (208 / time to the first token), decode
 tokens/s at batch 1 and batch 8 (total over the batch; llama-cpp-python decodes one sequence), load time
 (file -> ready model and tokenizer in a fresh process, after the imports; median of the rounds), resident
@@ -37,11 +40,14 @@ import torch
 from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.paths import data_dir, smollm2_gguf
+from lmlab.precision import cpu_has_bf16
 from lmlab.weights.loading import load_model
 
 PROMPT_TOKENS, NEW_TOKENS = 208, 128
 SPEC = "smollm2-135m-instruct"
-LMLAB = {"lmlab": "auto", "lmlab int8": "int8", "lmlab bf16": "none"}  # engine -> --quantize
+# engine -> (--quantize, --dtype); None = lmlab generate's default dtype (bf16 where the CPU has native bf16, else
+# fp32: the quantized kernels take bf16 activations either way)
+LMLAB = {"lmlab": ("auto", None), "lmlab int8": ("int8", None), "lmlab bf16": ("none", "bf16")}
 QUALITY_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a little robot",
                    "Give three tips for staying healthy.", "The theory of relativity says that"]
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -73,13 +79,13 @@ def _timed(fn) -> float:
 # ---- engines: each loads once, then `run(batch)` returns (prefill s, decode tokens/s total)
 
 class Lmlab:
-    def __init__(self, quantize: str) -> None:
-        self.quantize = quantize
+    def __init__(self, quantize: str, dtype: str | None) -> None:
+        self.quantize, self.dtype = quantize, dtype
         self.load_s = _timed(self._load)
         self.weight_bytes = _weight_bytes(self.model)
 
     def _load(self) -> None:
-        loaded = load_model(SPEC, quantize=self.quantize, dtype="bf16")
+        loaded = load_model(SPEC, quantize=self.quantize, dtype=self.dtype)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
 
     def run(self, prompt: list[int], batch: int) -> tuple[float, float]:
@@ -170,7 +176,7 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 def make_engine(name: str):
     if name in LMLAB:
-        return Lmlab(LMLAB[name])
+        return Lmlab(*LMLAB[name])
     return LlamaCpp() if name == "llama.cpp" else Transformers()
 
 
@@ -178,14 +184,19 @@ def make_engine(name: str):
 
 def fresh_probe(name: str, prompt: list[int]) -> None:
     """Run in a fresh process: print the load time (after the imports, so one-time costs inside the load
-    count), RSS after the imports, after loading + generating, and the peak (MB)."""
+    count), RSS after the imports, after loading + generating at batch 1, and the peak (MB), then the
+    speeds (prefill tokens/s, decode tokens/s at batch 1 and batch 8) and the bytes read per token."""
     if name == "llama.cpp":
         import llama_cpp  # noqa: F401
     base = _rss()
     engine = make_engine(name)
-    engine.run(prompt, 1)
-    print(json.dumps({"load_s": engine.load_s, "base_mb": base["VmRSS"], "rss_mb": _rss()["VmRSS"],
-                      "peak_mb": _rss()["VmHWM"]}))
+    prefill, b1 = engine.run(prompt, 1)
+    out = {"load_s": engine.load_s, "base_mb": base["VmRSS"], "rss_mb": _rss()["VmRSS"], "peak_mb": _rss()["VmHWM"],
+           "prefill": PROMPT_TOKENS / prefill, "b1": b1, "weight_bytes": engine.weight_bytes}
+    b8 = engine.run(prompt, 8)
+    if b8 is not None:
+        out["b8"] = b8[1]
+    print(json.dumps(out))
 
 
 def _rss() -> dict[str, float]:
@@ -209,7 +220,7 @@ def quality(ppl_tokens: int) -> list[str]:
     from lmlab.evaluation.evaluate import sliding_window_perplexity
 
     ref = load_model(SPEC)  # dequantized to fp32, plain forward
-    fast = load_model(SPEC, quantize="auto", dtype="bf16")
+    fast = load_model(SPEC, quantize="auto")  # the default settings
     tok = ref.tokenizer
     ids = tok.encode((data_dir() / "wikitext-2" / "test.txt").read_text())[:ppl_tokens]
     ppl = {name: sliding_window_perplexity(m.model, ids, 512, 512).ppl for name, m in (("fp32", ref), ("lmlab", fast))}
@@ -246,26 +257,19 @@ def main() -> None:
     if args.probe:
         return fresh_probe(args.probe, json.loads(args.prompt_ids))
     names = ["lmlab", "lmlab int8", "llama.cpp"] + (["lmlab bf16", "transformers"] if args.all else [])
-    engines = {name: make_engine(name) for name in names}
-    prompt = make_prompt(engines["lmlab"].tokenizer)
+    prompt = make_prompt(load_model(SPEC, quantize="auto").tokenizer)
     results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-    bandwidth, memory = [], {}
+    bandwidth, memory, weight_bytes = [], {}, {}
     for _ in range(args.rounds):
         bandwidth.append(copy_bandwidth())
-        for name, engine in engines.items():
-            r = results[name]
-            if name != "transformers":  # 15+ s per load: loaded once, in this process
-                memory[name] = fresh_process(name, prompt)
-                r.setdefault("load_s", []).append(memory[name]["load_s"])
-            prefill, b1 = engine.run(prompt, 1)
-            r.setdefault("prefill", []).append(PROMPT_TOKENS / prefill)
-            r.setdefault("b1", []).append(b1)
-            b8 = engine.run(prompt, 8)
-            if b8 is not None:
-                r.setdefault("b8", []).append(b8[1])
-    results.get("transformers", {})["load_s"] = [engines["transformers"].load_s] if "transformers" in engines else []
+        for name in names:
+            run = memory[name] = fresh_process(name, prompt)
+            weight_bytes[name] = run["weight_bytes"]
+            for key in ("load_s", "prefill", "b1", "b8"):
+                if key in run:
+                    results[name].setdefault(key, []).append(run[key])
     bw = statistics.median(bandwidth)
-    report = _report(engines, results, memory, bw, args)
+    report = _report(weight_bytes, results, memory, bw, args)
     if args.quality:
         report += "\n" + "\n".join(f"- {line}" for line in quality(args.ppl_tokens)) + "\n"
     print(report)
@@ -275,19 +279,29 @@ def main() -> None:
         write_section(report, HEADING)
 
 
-def _report(engines, results, memory, bw: float, args) -> str:
+def cpu_name() -> str:
+    """The CPU's model name (results differ most between CPU kinds), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _report(weight_bytes: dict[str, int], results, memory, bw: float, args) -> str:
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
-    lines = [f"Device: cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load "
+    lines = [f"Device: cpu ({cpu_name()}, {torch.get_num_threads()} threads, native bf16: "
+             f"{'yes' if cpu_has_bf16() else 'no (AVX2: lmlab computes in fp32, its kernels take bf16)'}, load "
              f"average {os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}; SmolLM2-135M-Instruct Q4_1 "
              f"GGUF, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens; medians of {args.rounds} interleaved "
              f"rounds; copy bandwidth {bw / 1e9:.1f} GB/s (read + write); command: `python benchmarks/generate.py"
-             f"{' --quality' if args.quality else ''}`", "",
+             f" --rounds {args.rounds}{' --quality' if args.quality else ''}`", "",
              "| engine | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 (total) | load s | "
              "resident MB (peak) | weights MB read per token | bandwidth used |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in med.items():
         mem = memory.get(name)
         mem_s = f"{mem['rss_mb'] - mem['base_mb']:.0f} ({mem['peak_mb'] - mem['base_mb']:.0f})" if mem else "-"
-        wb = engines[name].weight_bytes
+        wb = weight_bytes[name]
         lines.append(f"| {name} | {r['prefill']:,.0f} | {r['b1']:.1f} | {r['b8']:.1f} | {r['load_s']:.2f} | {mem_s} | "
                      f"{wb / 1e6:.0f} | {100 * wb * r['b1'] / bw:.0f}% |" if "b8" in r else
                      f"| {name} | {r['prefill']:,.0f} | {r['b1']:.1f} | - | {r['load_s']:.2f} | {mem_s} | "

@@ -151,7 +151,9 @@ def test_gemma3_logits_match_transformers(gemma, hf_gemma) -> None:
     x = torch.tensor([tok.encode((data_dir() / "wikitext-2" / "test.txt").read_text()[:4000], bos=True)[:600]])
     with torch.no_grad():
         ours, ref = gemma.model(x), hf_gemma(x).logits
-    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
+    # fp32 sums over 600 positions and 18 layers: the largest gap was 9e-5 on an Intel AVX512 CPU, 2.5e-4 (753 of
+    # 157M logits above 2e-4) on an AMD AVX2 one, where MKL takes other kernels
+    torch.testing.assert_close(ours, ref, atol=4e-4, rtol=0)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 

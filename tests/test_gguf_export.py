@@ -187,8 +187,10 @@ def test_llama_cpp_runs_the_exported_lora_merged_smollm2(kind: str, lora_adapter
             continue
         # q8_0: llama.cpp also rounds the activations to 8 bits (q8_0 x q8_0 dot products), so a near-tie
         # may resolve the other way; the first divergence must be one where lmlab's two candidates are
-        # within 0.25 logits (measured: one of the three prompts, at token 12 of 16)
+        # within 0.25 logits (measured: one of the three prompts, at token 12 of 16 on an Intel AVX512 CPU,
+        # at token 1 on an AMD AVX2 one, whose llama.cpp kernels round otherwise)
         i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         with torch.no_grad():
             last = exported.model(torch.tensor([prompt + ours[:i]]))[0, -1]
-        assert i >= 8 and (last[ours[i]] - last[theirs[i]]).item() < 0.25, (text, i)
+        gap = (last[ours[i]] - last[theirs[i]]).item()
+        assert gap < 0.25, (text, i, gap)

@@ -116,3 +116,40 @@ def test_int4_model_stays_close_and_generates() -> None:
     assert err < 0.1  # 4-bit weights of a random model
     out = generate_ids(quant, [[1, 2, 3]], GenerationConfig(5, SamplingConfig(temperature=0)))[0]
     assert len(out) == 5
+
+
+@pytest.mark.parametrize("in_features", [172, 176])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_of_any_input_size_matches_dequantized_weight(in_features: int, dtype: torch.dtype) -> None:
+    """torch's bf16 int8 kernel gave garbage for 172 inputs (stories260K's FFN) on an AVX2 CPU: such sizes
+    take its fp32 variant; both kernel paths and the dense one compute the dequantized product."""
+    torch.manual_seed(0)
+    q = Int8Linear(nn.Linear(in_features, 64, bias=False), dtype)
+    deq = q.qweight.float() * q.scale.float()[:, None]
+    for rows in (1, 5, KERNEL_MAX_ROWS + 3):
+        x = torch.randn(rows, in_features).to(dtype)
+        y = q(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), x.float() @ deq.T, atol=0.05, rtol=0.02)
+
+
+@needs_int4
+def test_int4_linear_computes_in_the_models_dtype_with_bf16_scales() -> None:
+    """The kernel takes bf16 activations and scales whatever the model's dtype (fp32 on a CPU without native
+    bf16); the layer returns its dtype, model.to(dtype) changes it and leaves the scales bf16; the dense
+    path's dequantized weight is the codes' (q - 8) * scale + zero."""
+    torch.manual_seed(0)
+    q = Int4Linear(nn.Linear(128, 192, bias=False), torch.float32)
+    assert q.scales_and_zeros.dtype == torch.bfloat16
+    scale, zero = q.scales_and_zeros.float().unbind(-1)
+    codes = unpack_int4(q.qweight, 192, 128).float().view(4, 32, 192)
+    want = ((codes - 8) * scale[:, None] + zero[:, None]).view(128, 192)
+    assert torch.equal(q.dequantized_t(torch.float32), want)
+    for rows in (1, INT4_KERNEL_MAX_ROWS + 9):
+        x = torch.randn(rows, 128)
+        y = q(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, x @ want, atol=0.05, rtol=0.02)
+    q.to(torch.bfloat16)
+    assert q.dtype == torch.bfloat16 and q.scales_and_zeros.dtype == torch.bfloat16
+    assert q(torch.randn(2, 128).bfloat16()).dtype == torch.bfloat16

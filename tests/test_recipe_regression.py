@@ -88,7 +88,9 @@ def test_first_30_losses_equal_the_pinned_curve(curves, name):
     got = curves[name]
     assert len(got) == len(pinned) == STEPS
     for step, (a, b) in enumerate(zip(got, pinned), start=1):
-        assert a == pytest.approx(b, abs=1e-6), f"{name} step {step}: {a} != pinned {b}"
+        # fp32 rounding: the pins come from an Intel AVX512 CPU; an AMD AVX2 one (MKL's other kernels) gave
+        # 10.7616577 for 10.7616590 at one step, about one fp32 ulp
+        assert a == pytest.approx(b, rel=3e-7, abs=1e-6), f"{name} step {step}: {a} != pinned {b}"
 
 
 if __name__ == "__main__":

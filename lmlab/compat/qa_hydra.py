@@ -115,8 +115,9 @@ def _dtype(t: dict[str, Any], device: str) -> str:
         return "fp32"
     if resolve_device(device).type == "cuda":
         return "fp16"
-    print("note: training.fp16 needs CUDA; training in bf16 autocast on this CPU", file=sys.stderr)
-    return "bf16"
+    print("note: training.fp16 needs CUDA; training in bf16 autocast on this CPU where it has native bf16, "
+          "else in fp32", file=sys.stderr)
+    return "auto"
 
 
 def _targets(names: Sequence[str]) -> list[str]:

@@ -9,9 +9,14 @@ non-persistent buffers (a state dict of a quantized model holds only its float p
 
 Fast paths (each tested equal to the dequantized weight's matmul, tests/test_quantize.py):
 - `Int8Linear`: torch's `_weight_int8pack_mm` kernel for up to KERNEL_MAX_ROWS rows on CPU.
-- `Int4Linear`: torch's `_weight_int4pack_mm_for_cpu` kernel (bf16 activations; w = (q - 8) * scale + zero)
-  for up to INT4_KERNEL_MAX_ROWS rows on CPU. Above that (prefill) the kernel re-unpacks the weight for
-  every 4 rows, so the weight is unpacked to bf16 once per call and the dense matmul runs instead.
+- `Int4Linear`: torch's `_weight_int4pack_mm_for_cpu` kernel (w = (q - 8) * scale + zero) for up to
+  INT4_KERNEL_MAX_ROWS rows on CPU. Above that (prefill) the kernel re-unpacks the weight for every 4 rows,
+  so the weight is unpacked once per call and the dense matmul runs instead.
+- Both kernels take bf16 activations whatever the model's dtype (KERNEL_DTYPE: in fp32 they ran 5-12x
+  slower on an AVX2 CPU, 23 vs 4.8 ms for SmolLM2's int8 head); a quantized linear casts its input for the
+  kernel and its output back. The dense path runs in the model's dtype, except bf16 on a CPU without
+  native bf16 dot products (no AVX512-BF16 / AMX: most AMD and older Intel CPUs), where a bf16 GEMM ran
+  ~16x slower than fp32 (116 vs 7 ms, 208 x 576 x 960) and fp32 is used instead (`dense_dtype`).
 - `fuse_projections`: wq|wk|wv and w1|w3 become one matmul each (one kernel launch and one read of x).
 - `Int8Embedding`: a tied embedding reads its rows from the int8 output head (one table, not two).
 """
@@ -26,12 +31,24 @@ import torch.nn as nn
 
 from lmlab.errors import ConfigError
 from lmlab.model.attention import Attention
+from lmlab.precision import cpu_has_bf16
 from lmlab.model.transformer import FeedForward
 
 KERNEL_MAX_ROWS = 16  # int8: above this many rows the dequantized bf16 matmul is faster (measured)
 INT4_KERNEL_MAX_ROWS = 16  # int4: the same crossover (benchmarks/generate.py, lmlab/model/quantize.py notes)
 GROUP = 32  # inputs per int4 scale/zero: GGUF's block size
 INT4_BLOCK = 64  # an int4 weight's output count must be a multiple of this (torch's CPU packing works per 64 rows)
+KERNEL_DTYPE = torch.bfloat16  # the CPU kernels' activations and scales
+INT8_KERNEL_IN_MULTIPLE = 16  # torch's bf16 int8 kernel reads inputs in vectors: other sizes gave garbage (K=172)
+# on an AVX2 CPU; its fp32 variant (5x slower) is right for any size
+
+
+def dense_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What a dequantized weight's matmul computes in: `dtype`, but fp32 for bf16 on a CPU that lacks
+    native bf16 dot products (a bf16 GEMM there is an emulation, ~16x slower than fp32)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
+        return torch.float32
+    return dtype
 
 
 @dataclass
@@ -87,16 +104,27 @@ class Int8Linear(nn.Module):
             linear, bias = Int8Weight.from_float(linear.weight), linear.bias
         self.register_buffer("qweight", linear.q, persistent=False)
         self.register_buffer("scale", linear.scale.to(dtype), persistent=False)
+        # the kernel's dtype and copy of the scales (the same tensor in a bf16 model)
+        self.kernel_dtype = KERNEL_DTYPE if linear.q.shape[1] % INT8_KERNEL_IN_MULTIPLE == 0 else torch.float32
+        self.register_buffer("kernel_scale", self.scale.to(self.kernel_dtype), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype), persistent=False)
         self.out_features, self.in_features = linear.q.shape
 
+    def _apply(self, fn, recurse: bool = True):
+        """model.to(dtype) changes the scales' dtype, not the kernel's copy."""
+        super()._apply(fn, recurse)
+        if self.kernel_scale.dtype != self.kernel_dtype:
+            self.kernel_scale = self.kernel_scale.to(self.kernel_dtype)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.scale.dtype)
+        shape, dtype = x.shape, self.scale.dtype
+        x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
+            y = torch._weight_int8pack_mm(x2.to(self.kernel_dtype), self.qweight, self.kernel_scale).to(dtype)
         else:
-            y = x2 @ (self.qweight.to(x2.dtype) * self.scale[:, None]).T
+            dense = dense_dtype(dtype, x2.device)
+            y = (x2.to(dense) @ (self.qweight.to(dense) * self.scale[:, None].to(dense)).T).to(dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -128,7 +156,8 @@ class PackedInt4:
 
 class Int4Linear(nn.Module):
     """y = x @ W^T + b with W stored as 4-bit codes in torch's CPU packing and one (scale, zero) pair per
-    group of 32 inputs (PackedInt4)."""
+    group of 32 inputs (PackedInt4), kept in the kernel's bf16 whatever `dtype` (the dtype it takes and
+    returns) is: one copy that the kernel and the dense path both read."""
 
     def __init__(self, weight: nn.Linear | Int4Weight | PackedInt4, dtype: torch.dtype = torch.bfloat16,
                  bias: torch.Tensor | None = None) -> None:
@@ -136,29 +165,50 @@ class Int4Linear(nn.Module):
         if isinstance(weight, nn.Linear):
             weight, bias = Int4Weight.from_float(weight.weight), weight.bias
         if isinstance(weight, Int4Weight):
-            weight = PackedInt4.from_weight(weight, dtype)
+            weight = PackedInt4.from_weight(weight, KERNEL_DTYPE)
+        self.dtype = dtype
         self.register_buffer("qweight", weight.qweight, persistent=False)
-        self.register_buffer("scales_and_zeros", weight.scales_and_zeros.to(dtype), persistent=False)
+        self.register_buffer("scales_and_zeros", weight.scales_and_zeros.to(KERNEL_DTYPE), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype), persistent=False)
         self.out_features, self.in_features = weight.scales_and_zeros.shape[1], weight.qweight.shape[1] * 2
 
+    def _apply(self, fn, recurse: bool = True):
+        """model.to(dtype) changes the dtype this computes in; the scales stay in the kernel's dtype."""
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # what the conversion does to a float tensor
+        super()._apply(fn, recurse)
+        if self.scales_and_zeros.dtype != KERNEL_DTYPE:
+            self.scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.scales_and_zeros.dtype)
-        if x2.shape[0] <= INT4_KERNEL_MAX_ROWS and x2.device.type == "cpu" and x2.dtype == torch.bfloat16:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales_and_zeros)
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] <= INT4_KERNEL_MAX_ROWS and x2.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.qweight, GROUP, self.scales_and_zeros)
         else:
-            y = x2 @ self.dequantized_t()
+            dense = dense_dtype(self.dtype, x2.device)
+            y = x2.to(dense) @ self.dequantized_t(dense)
+        y = y.to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
-    def dequantized_t(self) -> torch.Tensor:
-        """W^T (in, out) in the compute dtype: what the dense path multiplies by."""
+    def dequantized_t(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W^T (in, out) in `dtype` (default: the compute dtype): what the dense path multiplies by. The codes
+        are written straight into the output's (in, out) layout and scaled in place: no temporary of the
+        whole weight but one uint8 half (prefill cost 3x less than unpacking, then converting, then scaling)."""
         k, n = self.in_features, self.out_features
-        q = unpack_int4(self.qweight, n, k).view(k // GROUP, GROUP, n).to(self.scales_and_zeros.dtype)
-        scale, zero = self.scales_and_zeros.unbind(-1)  # (in/32, out)
-        return torch.addcmul((zero - 8 * scale)[:, None], q, scale[:, None]).view(k, n)
+        block, pairs = _int4_layout()
+        packed = self.qweight.view(n // block, k, block // 2)
+        out = torch.empty(k, n, dtype=dtype or self.dtype, device=packed.device)
+        blocks = out.view(k, n // block, block // 2, 2) if pairs else out.view(k, n // block, 2, block // 2)
+        low, high = (blocks[..., 0], blocks[..., 1]) if pairs else (blocks[:, :, 0], blocks[:, :, 1])
+        low.copy_((packed & 15).permute(1, 0, 2))
+        high.copy_((packed >> 4).permute(1, 0, 2))
+        scale, zero = self.scales_and_zeros.float().unbind(-1)  # (in/32, out)
+        groups = out.view(k // GROUP, GROUP, n)
+        groups.mul_(scale[:, None].to(out.dtype)).add_((zero - 8 * scale)[:, None].to(out.dtype))
+        return out
 
 
 # ---- torch's CPU int4 packing (aten/src/ATen/native/cpu/int4mm_kernel.cpp, weight_to_int4pack_kernel):
@@ -227,7 +277,7 @@ def linear_dtype(module: nn.Module) -> torch.dtype:
     if isinstance(module, Int8Linear):
         return module.scale.dtype
     if isinstance(module, Int4Linear):
-        return module.scales_and_zeros.dtype
+        return module.dtype
     return module.weight.dtype
 
 

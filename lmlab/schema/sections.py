@@ -156,8 +156,9 @@ class PrecisionSection(Section):
 
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype; fp16 (CUDA only) adds a gradient scaler. Weights stay fp32."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype; auto = bf16 where the hardware has native bf16 matmuls (CUDA, AVX512-BF16 / AMX CPUs),
+    else fp32; fp16 (CUDA only) adds a gradient scaler. Weights stay fp32."""
     compile: bool = False
     """torch.compile the model."""
 

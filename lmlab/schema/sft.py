@@ -118,10 +118,12 @@ class SFTScheduleSection(ScheduleSection):
 
 
 class BF16Precision(PrecisionSection):
-    """bf16 autocast by default: about 2x faster on CPUs with native bf16, weights stay fp32."""
+    """bf16 autocast where the hardware has it (about 2x faster than fp32 on CPUs with native bf16, ~20x
+    slower on AVX2-only CPUs, which then train in fp32); weights stay fp32."""
 
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Autocast dtype; fp16 (CUDA only) adds a gradient scaler. Weights stay fp32."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast dtype; auto = bf16 where native (CUDA, AVX512-BF16 / AMX CPUs), else fp32; fp16 (CUDA only)
+    adds a gradient scaler. Weights stay fp32."""
 
 
 class AdapterCheckpoints(CheckpointSection):

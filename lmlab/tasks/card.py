@@ -68,7 +68,7 @@ def measure(cfg: PipelineBase, stages: dict[str, Any], record: dict[str, Any]) -
     """card.json: per model its perplexities and answers; per stage the facts of its run folder."""
     r = cfg.report
     device = resolve_device("auto")
-    precision = Precision(device, "bf16" if device.type == "cpu" else "fp32")
+    precision = Precision(device, "auto" if device.type == "cpu" else "fp32")  # CPU: bf16 where native
     sft = stages.get("sft")
     card: dict[str, Any] = {"models": {}, "stages": {name: stage_facts(name, stages[name], record.get(name, {}))
                                                       for name in cfg.stages}}

@@ -34,7 +34,7 @@ from lmlab.generation.generate import GenerationConfig, generate_ids
 from lmlab.model.attention import MATH_ATTENTION_MAX_SCORES
 from lmlab.model.config import ModelConfig, get_preset
 from lmlab.model.transformer import unwrap
-from lmlab.precision import resolve_device
+from lmlab.precision import auto_dtype_name, resolve_device
 from lmlab.schema.pretrain import PretrainConfig
 from lmlab.train.losses import lm_loss
 from lmlab.train.memory import GIB, estimate_training_memory, report, total_params
@@ -136,7 +136,8 @@ def dry_run(cfg: PretrainConfig, memory_gb: float = 0.0) -> str:
     dev = cfg.precision.device  # the recipe's device, even where this machine has none
     device = resolve_device(dev) if dev == "auto" else torch.device(dev)
     math_attention = device.type == "cpu" and t.batch_size * c.n_heads * seq_len**2 <= MATH_ATTENTION_MAX_SCORES
-    est = estimate_training_memory(c, t.batch_size, seq_len, cfg.precision.dtype, math_attention=math_attention)
+    dtype = auto_dtype_name(device) if cfg.precision.dtype == "auto" else cfg.precision.dtype
+    est = estimate_training_memory(c, t.batch_size, seq_len, dtype, math_attention=math_attention)
     n = total_params(c)
     embed = c.vocab_size * c.dim + (c.max_seq_len * c.dim if c.pos == "learned" else 0)
     budget, where = (memory_gb * GIB, f"--device-memory {memory_gb:g}") if memory_gb else device_memory(device)
@@ -147,7 +148,7 @@ def dry_run(cfg: PretrainConfig, memory_gb: float = 0.0) -> str:
         f"parameters: {n:,} ({n - embed:,} without embeddings), all trained",
         (f"step: micro-batch {t.batch_size} x {seq_len} tokens, grad_accum {t.grad_accum} -> "
          f"{t.batch_size * seq_len * t.grad_accum:,} tokens per optimizer step"),
-        (f"memory estimate ({cfg.precision.dtype} autocast on {device.type}, "
+        (f"memory estimate ({dtype} autocast on {device.type}, "
          f"{'math' if math_attention else 'fused'} attention; lmlab/train/memory.py):"),
         report(est, budget, where),
     ])

@@ -142,7 +142,7 @@ def evaluate_recipe(recipe: str, overrides: Sequence[str] = (), adapter: str = "
     loaded = load_model(cfg.model.spec, device=precision.device, tokenizer=cfg.model.tokenizer or None)
     model, tok = loaded.model, loaded.require_tokenizer("set model.tokenizer=PATH")
     template = make_template(cfg.data)
-    results: dict[str, Any] = {"task": task, "n_test": len(test), "dtype": cfg.precision.dtype}
+    results: dict[str, Any] = {"task": task, "n_test": len(test), "dtype": precision.dtype_name}
     n = f"{len(test)} {task} test items"
     with precision.autocast():
         if task == "mcq":

@@ -171,7 +171,7 @@ class Session:
             checkpoint_every=c.checkpoint.every, keep_best=c.checkpoint.best, select=select, select_mode=mode,
             skip_nonfinite=c.train.skip_nonfinite, progress_bar=c.logging.progress and self.is_main,
             flops_per_token=flops_per_token,
-            peak_flops=c.logging.peak_tflops * 1e12 or peak_flops(self.device, c.precision.dtype))
+            peak_flops=c.logging.peak_tflops * 1e12 or peak_flops(self.device, self.precision.dtype_name))
         self.checkpointer.tokenizer, self.checkpointer.trainable_only = tokenizer, trainable_only
         progress = self._resume(trained, optimizer) if c.checkpoint.resume else None
         logger = MetricsLogger(self.out / "metrics.jsonl" if self.is_main else None,
