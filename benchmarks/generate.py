@@ -41,6 +41,7 @@ from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.paths import data_dir, smollm2_gguf
 from lmlab.precision import cpu_has_bf16
+from lmlab.tokenization import load_tokenizer
 from lmlab.weights.loading import load_model
 
 PROMPT_TOKENS, NEW_TOKENS = 208, 128
@@ -257,7 +258,7 @@ def main() -> None:
     if args.probe:
         return fresh_probe(args.probe, json.loads(args.prompt_ids))
     names = ["lmlab", "lmlab int8", "llama.cpp"] + (["lmlab bf16", "transformers"] if args.all else [])
-    prompt = make_prompt(load_model(SPEC, quantize="auto").tokenizer)
+    prompt = make_prompt(load_tokenizer(smollm2_gguf()))  # the engines load in their own processes
     results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     bandwidth, memory, weight_bytes = [], {}, {}
     for _ in range(args.rounds):

@@ -173,5 +173,5 @@ def inference_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtyp
         return DTYPES[name]
     device = resolve_device(device, "device")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # no scaler needed here
+    return DTYPES[auto_dtype_name(device)]

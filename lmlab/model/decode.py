@@ -25,15 +25,7 @@ import torch.nn as nn
 
 from lmlab.model.config import ModelConfig
 from lmlab.model.kv_cache import KVCache
-from lmlab.model.quantize import (
-    GROUP,
-    INT4_KERNEL_MAX_ROWS,
-    KERNEL_DTYPE,
-    KERNEL_MAX_ROWS,
-    Int4Linear,
-    Int8Linear,
-    linear_dtype,
-)
+from lmlab.model.quantize import GROUP, Int4Linear, Int8Linear, linear_dtype
 from lmlab.model.rope import rope_angles
 from lmlab.model.transformer import Transformer
 
@@ -61,22 +53,19 @@ def fast_decode_supported(model: nn.Module, cache: KVCache) -> bool:
 
 
 def _kernel(module: nn.Module, rows: int) -> bool:
-    """Whether x (rows, in) -> module(x) runs a CPU quantized kernel (which takes KERNEL_DTYPE activations)."""
-    if isinstance(module, Int4Linear):
-        return module.qweight.device.type == "cpu" and rows <= INT4_KERNEL_MAX_ROWS and module.bias is None
-    if isinstance(module, Int8Linear):
-        return module.qweight.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and module.bias is None
-    return False
+    """Whether x (rows, in) -> module(x) runs a CPU quantized kernel (which takes `module.kernel_dtype`)."""
+    return isinstance(module, (Int4Linear, Int8Linear)) and module.uses_kernel(rows) and module.bias is None
 
 
 def _matmul(module: nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """x (rows, in) -> module(x): the bare kernel for quantized / plain linears on CPU, else the module.
     Inputs are cast to what the kernel or weight takes (a no-op when they already are)."""
-    if _kernel(module, rows) and isinstance(module, Int4Linear):
-        qweight, sz = module.qweight, module.scales_and_zeros
-        return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), qweight, GROUP, sz)
     if _kernel(module, rows):
-        qweight, scale, dtype = module.qweight, module.kernel_scale, module.kernel_dtype
+        qweight, dtype = module.qweight, module.kernel_dtype
+        if isinstance(module, Int4Linear):
+            sz = module.scales_and_zeros
+            return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(dtype), qweight, GROUP, sz)
+        scale = module.kernel_scale
         return lambda x: torch._weight_int8pack_mm(x.to(dtype), qweight, scale)
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
@@ -119,10 +108,9 @@ class FastDecoder:
         ]
         self.norm = model.norm.weight.float()
         self.output = _matmul(model.output, rows)
-        # the linears' input dtype (norm weights may stay fp32): the kernels' bf16 where the head is one
+        # the linears' input dtype (norm weights may stay fp32): the kernel's where the head is one
         out = model.output
-        self.dtype = out.kernel_dtype if _kernel(out, rows) and isinstance(out, Int8Linear) else \
-            KERNEL_DTYPE if _kernel(out, rows) else linear_dtype(out)
+        self.dtype = out.kernel_dtype if _kernel(out, rows) else linear_dtype(out)
         self.eps = torch.full((1,), c.norm_eps, device=self.norm.device)
         # RoPE for queries and keys in one complex multiply; the queries' rotation carries 1/sqrt(head_dim)
         self.head_scale = torch.ones(c.n_heads + c.n_kv_heads, 1, device=self.norm.device)

@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from lmlab.errors import ConfigError
 from lmlab.model.attention import Attention
-from lmlab.precision import cpu_has_bf16
 from lmlab.model.transformer import FeedForward
+from lmlab.precision import cpu_has_bf16
 
 KERNEL_MAX_ROWS = 16  # int8: above this many rows the dequantized bf16 matmul is faster (measured)
 INT4_KERNEL_MAX_ROWS = 16  # int4: the same crossover (benchmarks/generate.py, lmlab/model/quantize.py notes)
@@ -117,10 +117,14 @@ class Int8Linear(nn.Module):
             self.kernel_scale = self.kernel_scale.to(self.kernel_dtype)
         return self
 
+    def uses_kernel(self, rows: int) -> bool:
+        """Whether an input of `rows` rows goes through the CPU kernel (else the dense matmul)."""
+        return rows <= KERNEL_MAX_ROWS and self.qweight.device.type == "cpu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, self.scale.dtype
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu":
+        if self.uses_kernel(x2.shape[0]):
             y = torch._weight_int8pack_mm(x2.to(self.kernel_dtype), self.qweight, self.kernel_scale).to(dtype)
         else:
             dense = dense_dtype(dtype, x2.device)
@@ -159,6 +163,8 @@ class Int4Linear(nn.Module):
     group of 32 inputs (PackedInt4), kept in the kernel's bf16 whatever `dtype` (the dtype it takes and
     returns) is: one copy that the kernel and the dense path both read."""
 
+    kernel_dtype = KERNEL_DTYPE  # what the kernel's activations are cast to
+
     def __init__(self, weight: nn.Linear | Int4Weight | PackedInt4, dtype: torch.dtype = torch.bfloat16,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -180,10 +186,14 @@ class Int4Linear(nn.Module):
             self.scales_and_zeros = self.scales_and_zeros.to(KERNEL_DTYPE)
         return self
 
+    def uses_kernel(self, rows: int) -> bool:
+        """Whether an input of `rows` rows goes through the CPU kernel (else the dense matmul)."""
+        return rows <= INT4_KERNEL_MAX_ROWS and self.qweight.device.type == "cpu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] <= INT4_KERNEL_MAX_ROWS and x2.device.type == "cpu":
+        if self.uses_kernel(x2.shape[0]):
             y = torch._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.qweight, GROUP, self.scales_and_zeros)
         else:
             dense = dense_dtype(self.dtype, x2.device)
