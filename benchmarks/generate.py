@@ -5,7 +5,12 @@ SmolLM2-135M-Instruct (the embedded Q4_1 GGUF), a 208-token prompt, 128 greedy n
   int4, its Q8_0 embedding as the int8 output head, the kernels' bf16 activations, the few-call decode step;
   the dtype `lmlab generate` picks: bf16 where the CPU has native bf16, else fp32);
 - `lmlab int8` (`--quantize int8`: dequantized and requantized per channel, the previous fast setting);
-- `llama.cpp` (llama-cpp-python, the same file, as many threads as torch uses);
+- `llama.cpp` (llama-cpp-python, the same file, as many threads as torch uses, its default settings). Where
+  that process crashes (llama.cpp's AMX buffer type segfaults on prompts of more than one token on some Intel
+  CPUs with AMX, with 2 threads: ggml-org/llama.cpp#20824), two working variants run instead:
+  `llama.cpp n_batch 1` (the AMX path, the prompt fed one token per call) and `llama.cpp no repack`
+  (`use_extra_bufts` off: the plain CPU path, prompt in one batch); lmlab is compared with the best of them
+  in each column;
 - with --all also `lmlab bf16` (`--quantize none`) and transformers (fp32, its own GGUF reader).
 Each round runs every engine once, each in a fresh process of its own (interleaved: the machine is shared,
 a noisy neighbour hurts all alike; and one process per engine, because two OpenMP thread teams in one
@@ -99,16 +104,32 @@ class Lmlab:
         return stamps[0] - t0, batch * (NEW_TOKENS - 1) / (stamps[-1] - stamps[0])
 
 
+# engine -> (n_batch, extra buffer types): llama.cpp's defaults, and the variants that run where they crash
+LLAMACPP = {"llama.cpp": (512, True), "llama.cpp n_batch 1": (1, True), "llama.cpp no repack": (512, False)}
+LLAMACPP_FALLBACKS = ["llama.cpp n_batch 1", "llama.cpp no repack"]
+
+
 class LlamaCpp:
-    def __init__(self) -> None:
+    def __init__(self, n_batch: int, extra_buffers: bool) -> None:
+        import llama_cpp.llama_cpp as bindings
         from llama_cpp import Llama
 
-        self.cls = Llama
+        if not extra_buffers:  # llama-cpp-python does not expose use_extra_bufts: set it in its default params
+            defaults = bindings.llama_model_default_params
+
+            def params():
+                p = defaults()
+                p.use_extra_bufts = False
+                return p
+
+            bindings.llama_model_default_params = params
+        self.cls, self.n_batch = Llama, n_batch
         self.load_s = _timed(self._load)
         self.weight_bytes = sum(t.n_bytes for t in _gguf_tensors())  # token_embd doubles as the output head
 
     def _load(self) -> None:
-        self.llm = self.cls(str(smollm2_gguf()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+        self.llm = self.cls(str(smollm2_gguf()), n_ctx=512, n_batch=self.n_batch, n_ubatch=self.n_batch,
+                            n_threads=torch.get_num_threads(), verbose=False)
 
     def run(self, prompt: list[int], batch: int) -> tuple[float, float] | None:
         if batch != 1:
@@ -178,7 +199,7 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 def make_engine(name: str):
     if name in LMLAB:
         return Lmlab(*LMLAB[name])
-    return LlamaCpp() if name == "llama.cpp" else Transformers()
+    return LlamaCpp(*LLAMACPP[name]) if name in LLAMACPP else Transformers()
 
 
 # ---- resident memory, in a fresh process per engine
@@ -187,7 +208,7 @@ def fresh_probe(name: str, prompt: list[int]) -> None:
     """Run in a fresh process: print the load time (after the imports, so one-time costs inside the load
     count), RSS after the imports, after loading + generating at batch 1, and the peak (MB), then the
     speeds (prefill tokens/s, decode tokens/s at batch 1 and batch 8) and the bytes read per token."""
-    if name == "llama.cpp":
+    if name in LLAMACPP:
         import llama_cpp  # noqa: F401
     base = _rss()
     engine = make_engine(name)
@@ -209,9 +230,15 @@ def _rss() -> dict[str, float]:
     return fields
 
 
-def fresh_process(name: str, prompt: list[int]) -> dict[str, float]:
+def fresh_process(name: str, prompt: list[int]) -> dict[str, float] | None:
+    """The probe's measurements, or None where its process was killed by a signal (a crash inside the engine)."""
     out = subprocess.run([sys.executable, __file__, "--probe", name, "--prompt-ids", json.dumps(prompt)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode < 0:
+        print(f"{name}: its process died of signal {out.returncode} ({out.stderr.strip()[-200:]})", flush=True)
+        return None
+    if out.returncode:
+        raise RuntimeError(f"{name} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -260,17 +287,31 @@ def main() -> None:
     names = ["lmlab", "lmlab int8", "llama.cpp"] + (["lmlab bf16", "transformers"] if args.all else [])
     prompt = make_prompt(load_tokenizer(smollm2_gguf()))  # the engines load in their own processes
     results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-    bandwidth, memory, weight_bytes = [], {}, {}
+    bandwidth, memory, weight_bytes, crashed = [], {}, {}, []
     for _ in range(args.rounds):
         bandwidth.append(copy_bandwidth())
-        for name in names:
-            run = memory[name] = fresh_process(name, prompt)
+        queue = list(names)
+        while queue:
+            name = queue.pop(0)
+            run = fresh_process(name, prompt)
+            if run is None:
+                if name != "llama.cpp":
+                    raise RuntimeError(f"{name} crashed")
+                # llama.cpp's defaults crashed: its working variants take their place for the rest of the run
+                crashed.append(name)
+                names.remove(name)
+                del results[name]
+                names += LLAMACPP_FALLBACKS
+                results.update({n: {} for n in LLAMACPP_FALLBACKS})
+                queue += LLAMACPP_FALLBACKS
+                continue
+            memory[name] = run
             weight_bytes[name] = run["weight_bytes"]
             for key in ("load_s", "prefill", "b1", "b8"):
                 if key in run:
                     results[name].setdefault(key, []).append(run[key])
     bw = statistics.median(bandwidth)
-    report = _report(weight_bytes, results, memory, bw, args)
+    report = _report(weight_bytes, results, memory, bw, args, crashed)
     if args.quality:
         report += "\n" + "\n".join(f"- {line}" for line in quality(args.ppl_tokens)) + "\n"
     print(report)
@@ -289,7 +330,7 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def _report(weight_bytes: dict[str, int], results, memory, bw: float, args) -> str:
+def _report(weight_bytes: dict[str, int], results, memory, bw: float, args, crashed: list[str]) -> str:
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
     lines = [f"Device: cpu ({cpu_name()}, {torch.get_num_threads()} threads, native bf16: "
              f"{'yes' if cpu_has_bf16() else 'no (AVX2: lmlab computes in fp32, its kernels take bf16)'}, load "
@@ -307,11 +348,18 @@ def _report(weight_bytes: dict[str, int], results, memory, bw: float, args) -> s
                      f"{wb / 1e6:.0f} | {100 * wb * r['b1'] / bw:.0f}% |" if "b8" in r else
                      f"| {name} | {r['prefill']:,.0f} | {r['b1']:.1f} | - | {r['load_s']:.2f} | {mem_s} | "
                      f"{wb / 1e6:.0f} | {100 * wb * r['b1'] / bw:.0f}% |")
-    if "llama.cpp" in med:
-        cpp, ours = med["llama.cpp"], med["lmlab"]
-        mem_ratio = ((memory["lmlab"]["rss_mb"] - memory["lmlab"]["base_mb"])
-                     / (memory["llama.cpp"]["rss_mb"] - memory["llama.cpp"]["base_mb"]))
-        lines += ["", f"- lmlab (default settings) / llama.cpp: batch-1 decode {ours['b1'] / cpp['b1']:.2f}x "
+    cpps = [n for n in med if n in LLAMACPP]
+    if crashed:
+        lines += ["", f"- {', '.join(crashed)} with its default settings died of a segmentation fault on the "
+                  f"{PROMPT_TOKENS}-token prompt (its AMX buffer type; ggml-org/llama.cpp#20824): the variants "
+                  f"{', '.join(cpps)} ran instead, and each ratio below is against the best of them"]
+    if cpps:  # the best llama.cpp value of each column
+        ours = med["lmlab"]
+        cpp = {"b1": max(med[n]["b1"] for n in cpps), "prefill": max(med[n]["prefill"] for n in cpps),
+               "load_s": min(med[n]["load_s"] for n in cpps)}
+        resident = {n: memory[n]["rss_mb"] - memory[n]["base_mb"] for n in ["lmlab", *cpps]}
+        mem_ratio = resident["lmlab"] / min(resident[n] for n in cpps)
+        lines += [*([] if crashed else [""]), f"- lmlab (default settings) / llama.cpp: batch-1 decode {ours['b1'] / cpp['b1']:.2f}x "
                   f"(target >= 1.0x), batch-8 total / llama.cpp batch 1 {ours['b8'] / cpp['b1']:.2f}x (target >= 4x), "
                   f"prefill {ours['prefill'] / cpp['prefill']:.2f}x (target >= 3x), load {ours['load_s']:.2f} s vs "
                   f"{cpp['load_s']:.2f} s (target <= 0.5 s), resident memory {mem_ratio:.2f}x (target <= 1.5x)"]

@@ -10,7 +10,9 @@ output tokens/s (tokens counted with the model's own tokenizer on each answer, t
 time to first token and time per output token after the first (p50, p95 over requests), and failures.
 
 llama-cpp-python's server decodes one request at a time (its requests wait on a lock); it is started with
-`--interrupt_requests False` so a new request queues instead of cutting off the running stream.
+`--interrupt_requests False` so a new request queues instead of cutting off the running stream. On Intel
+CPUs with AMX its defaults crash on the first prompt of more than one token (its AMX buffer type,
+ggml-org/llama.cpp#20824); `--llama-cpp-n-batch 1` feeds prompts one token per call, which runs there.
 
     python benchmarks/serve.py [--levels 1 4 8 16] [--quantize auto] [--record]
 """
@@ -118,6 +120,8 @@ def main() -> None:
     ap.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"], help="lmlab's weights")
     ap.add_argument("--speculative", help="lmlab serve --speculative (e.g. prompt-lookup)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--llama-cpp-n-batch", type=int, default=512,
+                    help="llama.cpp's n_batch / n_ubatch (1 where its AMX path crashes on longer prompts)")
     ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
@@ -133,7 +137,8 @@ def main() -> None:
                  "--log-level", "warning"] + (["--speculative", args.speculative] if args.speculative else [])
     cpp_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
                "--host", "127.0.0.1", "--port", str(cport), "--n_ctx", "2048", "--n_threads", str(args.threads),
-               "--n_threads_batch", str(args.threads), "--interrupt_requests", "False", "--verbose", "False"]
+               "--n_threads_batch", str(args.threads), "--interrupt_requests", "False", "--verbose", "False",
+               "--n_batch", str(args.llama_cpp_n_batch), "--n_ubatch", str(args.llama_cpp_n_batch)]
     procs = [start(lmlab_cmd, lport, logs / "bench-lmlab-serve.log"), start(cpp_cmd, cport, logs / "bench-llama-cpp.log")]
     servers = {"lmlab serve": (f"http://127.0.0.1:{lport}", "smollm2-135m-instruct"),
                "llama-cpp-python server": (f"http://127.0.0.1:{cport}", "smollm2")}
