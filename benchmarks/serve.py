@@ -12,7 +12,8 @@ time to first token and time per output token after the first (p50, p95 over req
 llama-cpp-python's server decodes one request at a time (its requests wait on a lock); it is started with
 `--interrupt_requests False` so a new request queues instead of cutting off the running stream. On Intel
 CPUs with AMX its defaults crash on the first prompt of more than one token (its AMX buffer type,
-ggml-org/llama.cpp#20824); `--llama-cpp-n-batch 1` feeds prompts one token per call, which runs there.
+ggml-org/llama.cpp#20824); `--llama-cpp-plain-cpu` turns its extra (repacking) buffer types off, which runs
+there, and `--llama-cpp-n-batch 1` feeds prompts one token per call on the AMX path.
 
     python benchmarks/serve.py [--levels 1 4 8 16] [--quantize auto] [--record]
 """
@@ -122,6 +123,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--llama-cpp-n-batch", type=int, default=512,
                     help="llama.cpp's n_batch / n_ubatch (1 where its AMX path crashes on longer prompts)")
+    ap.add_argument("--llama-cpp-plain-cpu", action="store_true",
+                    help="llama.cpp without its extra buffer types (use_extra_bufts off: no AMX / repacking)")
     ap.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
@@ -135,7 +138,12 @@ def main() -> None:
     lmlab_cmd = [sys.executable, "-m", "lmlab", "serve", "smollm2-135m-instruct", "--port", str(lport),
                  "--parallel", str(max(args.levels)), "--max-queue", "256", "--quantize", args.quantize,
                  "--log-level", "warning"] + (["--speculative", args.speculative] if args.speculative else [])
-    cpp_cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2",
+    # use_extra_bufts is not a server setting: set it in the bindings' default params, then run the server module
+    plain = ("import runpy, llama_cpp.llama_cpp as b; d = b.llama_model_default_params\n"
+             "def p():\n    q = d(); q.use_extra_bufts = False; return q\n"
+             "b.llama_model_default_params = p; runpy.run_module('llama_cpp.server', run_name='__main__')")
+    server = ["-c", plain] if args.llama_cpp_plain_cpu else ["-m", "llama_cpp.server"]
+    cpp_cmd = [sys.executable, *server, "--model", str(gguf), "--model_alias", "smollm2",
                "--host", "127.0.0.1", "--port", str(cport), "--n_ctx", "2048", "--n_threads", str(args.threads),
                "--n_threads_batch", str(args.threads), "--interrupt_requests", "False", "--verbose", "False",
                "--n_batch", str(args.llama_cpp_n_batch), "--n_ubatch", str(args.llama_cpp_n_batch)]
