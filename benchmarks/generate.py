@@ -31,6 +31,7 @@ continuations of 5 prompts for 32 tokens, lmlab default vs the same GGUF dequant
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from lmlab.compat.llama_cpp import no_extra_buffer_types
 from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.paths import data_dir, smollm2_gguf
@@ -111,25 +113,16 @@ LLAMACPP_FALLBACKS = ["llama.cpp n_batch 1", "llama.cpp no repack"]
 
 class LlamaCpp:
     def __init__(self, n_batch: int, extra_buffers: bool) -> None:
-        import llama_cpp.llama_cpp as bindings
         from llama_cpp import Llama
 
-        if not extra_buffers:  # llama-cpp-python does not expose use_extra_bufts: set it in its default params
-            defaults = bindings.llama_model_default_params
-
-            def params():
-                p = defaults()
-                p.use_extra_bufts = False
-                return p
-
-            bindings.llama_model_default_params = params
-        self.cls, self.n_batch = Llama, n_batch
+        self.cls, self.n_batch, self.extra_buffers = Llama, n_batch, extra_buffers
         self.load_s = _timed(self._load)
         self.weight_bytes = sum(t.n_bytes for t in _gguf_tensors())  # token_embd doubles as the output head
 
     def _load(self) -> None:
-        self.llm = self.cls(str(smollm2_gguf()), n_ctx=512, n_batch=self.n_batch, n_ubatch=self.n_batch,
-                            n_threads=torch.get_num_threads(), verbose=False)
+        with contextlib.nullcontext() if self.extra_buffers else no_extra_buffer_types():
+            self.llm = self.cls(str(smollm2_gguf()), n_ctx=512, n_batch=self.n_batch, n_ubatch=self.n_batch,
+                                n_threads=torch.get_num_threads(), verbose=False)
 
     def run(self, prompt: list[int], batch: int) -> tuple[float, float] | None:
         if batch != 1:
@@ -348,21 +341,23 @@ def _report(weight_bytes: dict[str, int], results, memory, bw: float, args, cras
                      f"{wb / 1e6:.0f} | {100 * wb * r['b1'] / bw:.0f}% |" if "b8" in r else
                      f"| {name} | {r['prefill']:,.0f} | {r['b1']:.1f} | - | {r['load_s']:.2f} | {mem_s} | "
                      f"{wb / 1e6:.0f} | {100 * wb * r['b1'] / bw:.0f}% |")
-    cpps = [n for n in med if n in LLAMACPP]
+    cpps, notes = [n for n in med if n in LLAMACPP], []
     if crashed:
-        lines += ["", f"- {', '.join(crashed)} with its default settings died of a segmentation fault on the "
-                  f"{PROMPT_TOKENS}-token prompt (its AMX buffer type; ggml-org/llama.cpp#20824): the variants "
-                  f"{', '.join(cpps)} ran instead, and each ratio below is against the best of them"]
+        notes.append(f"{', '.join(crashed)} with its default settings died of a segmentation fault on the "
+                     f"{PROMPT_TOKENS}-token prompt (its AMX buffer type; ggml-org/llama.cpp#20824): the variants "
+                     f"{', '.join(cpps)} ran instead, and each ratio below is against the best of them")
     if cpps:  # the best llama.cpp value of each column
         ours = med["lmlab"]
         cpp = {"b1": max(med[n]["b1"] for n in cpps), "prefill": max(med[n]["prefill"] for n in cpps),
                "load_s": min(med[n]["load_s"] for n in cpps)}
         resident = {n: memory[n]["rss_mb"] - memory[n]["base_mb"] for n in ["lmlab", *cpps]}
         mem_ratio = resident["lmlab"] / min(resident[n] for n in cpps)
-        lines += [*([] if crashed else [""]), f"- lmlab (default settings) / llama.cpp: batch-1 decode {ours['b1'] / cpp['b1']:.2f}x "
-                  f"(target >= 1.0x), batch-8 total / llama.cpp batch 1 {ours['b8'] / cpp['b1']:.2f}x (target >= 4x), "
-                  f"prefill {ours['prefill'] / cpp['prefill']:.2f}x (target >= 3x), load {ours['load_s']:.2f} s vs "
-                  f"{cpp['load_s']:.2f} s (target <= 0.5 s), resident memory {mem_ratio:.2f}x (target <= 1.5x)"]
+        notes.append(f"lmlab (default settings) / llama.cpp: batch-1 decode {ours['b1'] / cpp['b1']:.2f}x "
+                     f"(target >= 1.0x), batch-8 total / llama.cpp batch 1 {ours['b8'] / cpp['b1']:.2f}x (target >= "
+                     f"4x), prefill {ours['prefill'] / cpp['prefill']:.2f}x (target >= 3x), load {ours['load_s']:.2f} "
+                     f"s vs {cpp['load_s']:.2f} s (target <= 0.5 s), resident memory {mem_ratio:.2f}x (target <= 1.5x)")
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 
 

@@ -138,10 +138,9 @@ def main() -> None:
     lmlab_cmd = [sys.executable, "-m", "lmlab", "serve", "smollm2-135m-instruct", "--port", str(lport),
                  "--parallel", str(max(args.levels)), "--max-queue", "256", "--quantize", args.quantize,
                  "--log-level", "warning"] + (["--speculative", args.speculative] if args.speculative else [])
-    # use_extra_bufts is not a server setting: set it in the bindings' default params, then run the server module
-    plain = ("import runpy, llama_cpp.llama_cpp as b; d = b.llama_model_default_params\n"
-             "def p():\n    q = d(); q.use_extra_bufts = False; return q\n"
-             "b.llama_model_default_params = p; runpy.run_module('llama_cpp.server', run_name='__main__')")
+    # use_extra_bufts is not a server setting: the server module runs inside lmlab's context that sets it
+    plain = ("import runpy\nfrom lmlab.compat.llama_cpp import no_extra_buffer_types\n"
+             "with no_extra_buffer_types():\n    runpy.run_module('llama_cpp.server', run_name='__main__')")
     server = ["-c", plain] if args.llama_cpp_plain_cpu else ["-m", "llama_cpp.server"]
     cpp_cmd = [sys.executable, *server, "--model", str(gguf), "--model_alias", "smollm2",
                "--host", "127.0.0.1", "--port", str(cport), "--n_ctx", "2048", "--n_threads", str(args.threads),

@@ -13,6 +13,7 @@ import torch
 from lmlab.adapters.files import save_adapter
 from lmlab.adapters.lora import LoRAConfig, apply_lora, lora_modules
 from lmlab.cli import main
+from lmlab.compat.llama_cpp import no_extra_buffer_types
 from lmlab.errors import ConfigError
 from lmlab.generation.generate import GenerationConfig, generate_ids
 from lmlab.generation.sampling import SamplingConfig
@@ -145,23 +146,10 @@ def lora_adapter(tmp_path_factory):
 
 
 def _llama_cpp_greedy(path, prompt: list[int], n: int) -> list[int]:
-    """llama.cpp's greedy tokens on its plain CPU path: its extra (repacking) buffer types are turned off, since
-    the AMX one segfaults on prompts of more than one token on Intel CPUs with AMX (ggml-org/llama.cpp#20824),
-    which would kill the whole test process."""
+    """llama.cpp's greedy tokens on its plain CPU path (its AMX buffer type can segfault: lmlab/compat/llama_cpp.py)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python runs the exported GGUF")
-    bindings = llama_cpp.llama_cpp
-    defaults = bindings.llama_model_default_params
-
-    def plain_cpu_params():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    bindings.llama_model_default_params = plain_cpu_params  # (llama-cpp-python has no argument for it)
-    try:
+    with no_extra_buffer_types():
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
-    finally:
-        bindings.llama_model_default_params = defaults
     try:
         out = []
         for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
