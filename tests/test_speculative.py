@@ -51,6 +51,14 @@ def test_lookup_draft_takes_what_followed_the_latest_longest_match() -> None:
     assert lookup_draft([7], 3) == []
 
 
+def test_prompt_lookup_drafts_after_two_matching_tokens_by_default() -> None:
+    """A 1-token match (mostly wrong drafts, each widening the verify forward) drafts nothing by default."""
+    one, two = [4, 5, 6, 9, 5], [4, 5, 6, 9, 4, 5]
+    lookup = PromptLookup()
+    assert lookup.propose([one, two], [3, 3], [GREEDY] * 2, [None] * 2)[0] == [[], [6, 9, 4]]
+    assert PromptLookup(min_ngram=1).propose([one], [3], [GREEDY], [None])[0] == [[6, 9, 5]]
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_the_rule_keeps_the_target_distribution(deterministic: bool) -> None:
     """Whatever the draft distribution q, the token the rule emits is distributed as p (chi-square), and
@@ -77,7 +85,7 @@ def test_greedy_speculative_equals_plain_greedy(stories, drafter: str) -> None:
     prompts = [tok.encode(t, bos=True) for t in ["Once upon a time", "Lily and Ben went to the park. Lily", "The"]]
     cfg = GenerationConfig(max_new_tokens=60, sampling=GREEDY)
     plain = [generate_ids(model, [p], cfg)[0] for p in prompts]
-    make = (lambda: PromptLookup(k=4)) if drafter == "lookup" else (lambda: DraftModel(perturbed(model, 0.1), k=3))
+    make = (lambda: PromptLookup(k=4, min_ngram=1)) if drafter == "lookup" else (lambda: DraftModel(perturbed(model, 0.1), k=3))
     for batch in ([p] for p in prompts):  # one row at a time: rejected drafts are rewound
         stats: dict = {}
         assert speculative_generate_ids(model, batch, cfg, make(), stats=stats) == [plain[prompts.index(batch[0])]]
@@ -97,7 +105,7 @@ def test_speculative_on_quantized_weights(shared_data, quantize: str) -> None:
     prompts = [tok.encode(t, bos=True) for t in ["Once upon a time", "Lily and Ben went to the park. Lily"]]
     cfg = GenerationConfig(max_new_tokens=40, sampling=GREEDY)
     plain = [generate_ids(model, [p], cfg)[0] for p in prompts]
-    for make in (lambda: PromptLookup(k=4), lambda: DraftModel(draft, k=3)):
+    for make in (lambda: PromptLookup(k=4, min_ngram=1), lambda: DraftModel(draft, k=3)):
         stats: dict = {}
         assert [speculative_generate_ids(model, [p], cfg, make(), stats=stats)[0] for p in prompts] == plain
         assert stats["accepted"] > 0

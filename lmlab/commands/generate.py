@@ -49,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "projections; none: float weights; int8 / int4: quantize any model (lmlab/model/quantize.py)")
     p.add_argument("--speculative", metavar="prompt-lookup|MODEL",
                    help="speculative decoding: n-gram prompt lookup, or a draft model with the same vocabulary")
-    p.add_argument("--draft-tokens", type=at_least(1), default=5, help="draft tokens per speculative step")
+    p.add_argument("--draft-tokens", type=at_least(1), default=3,
+                   help="draft tokens per speculative step (3: a verify forward of 4 tokens is one row block of the "
+                        "CPU int4 kernel; wider ones cost more than they save there)")
     p.add_argument("--out", type=Path, help="write results as JSONL here (atomically)")
     p.add_argument("--no-stream", action="store_true", help="print results at the end only")
     p.set_defaults(func=run)

@@ -174,8 +174,8 @@ class FastDecoder:
         S = start + T
         cos, sin = rope_angles(positions, model.rope_inv_freq, c.rope_scaling, c.rope_scaling_factor)
         rot = torch.complex(cos, sin)[:, :, None] * self.head_scale  # (B, T, H + Hkv, D/2)
-        keys = cache.k[:, :B, :, :S].reshape(L, B * Hkv, S, D).transpose(-1, -2)[:, :, None].unbind(0)
-        values = cache.v[:, :B, :, :S].reshape(L, B * Hkv, S, D)[:, :, None].unbind(0)
+        keys = cache.k[:, :B, :, :S].reshape(L, B * Hkv, S, D).transpose(-1, -2).unbind(0)
+        values = cache.v[:, :B, :, :S].reshape(L, B * Hkv, S, D).unbind(0)
         # a query sees the real slots up to its own: (B Hkv, 1, T, S), broadcast over the G heads of a group
         seen = cache.key_mask[:B, None, :S] & (torch.arange(S, device=ids.device) <= start +
                                                torch.arange(T, device=ids.device)[:, None])  # (B, T, S)
@@ -188,9 +188,11 @@ class FastDecoder:
             qk = torch.view_as_real(qk).view(B, T, H + Hkv, D)
             cache.k[i, :B, :, start:S] = qk[:, :, H:].transpose(1, 2)
             cache.v[i, :B, :, start:S] = qkv[..., nq + nkv :].view(B, T, Hkv, D).transpose(1, 2)
-            q = qk[:, :, :H].reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G, T, D)
-            scores = torch.matmul(q, keys[i]) + bias  # (B Hkv, G, T, S)
-            y = torch.matmul(scores.softmax(-1), values[i])  # (B Hkv, G, T, D)
+            # the G heads' T queries of a group as one (G T)-row matrix: bmm reads the cache views in place
+            # (a 4-D matmul broadcasting them over G copies every layer's cache each forward)
+            q = qk[:, :, :H].reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * T, D)
+            scores = torch.bmm(q, keys[i]).view(B * Hkv, G, T, S).add_(bias)  # (B Hkv, G, T, S)
+            y = torch.bmm(scores.softmax(-1).view(B * Hkv, G * T, S), values[i])  # (B Hkv, G T, D)
             y = y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B * T, nq)
             self._out_and_mlp(x, layer, y)
         return self.output(self._rms_norm(x, self.norm)).view(B, T, -1)
