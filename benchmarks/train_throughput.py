@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--model", default="stories15m", choices=["stories15m", "smollm2-135m"],
                     help="smollm2-135m: full fine-tuning, LoRA q/v and LoRA on every linear (see finetune_main)")
     ap.add_argument("--context", type=int, default=128, help="tokens per sequence (--model smollm2-135m)")
+    ap.add_argument("--compile", action="store_true",
+                    help="--model smollm2-135m: also time both models under torch.compile (rows marked compiled)")
     args = ap.parse_args()
     if args.model == "smollm2-135m":
         return finetune_main(args)
@@ -289,11 +291,20 @@ def finetune_main(args) -> None:
                for x in (torch.randint(0, vocab, (args.batch, T + 1), generator=g) for _ in range(4))]
     tokens = args.steps * args.batch * T
     modes = ["full", "lora-qv", "lora-all"]
+    if args.compile:  # the same models (the same parameters) behind torch.compile's wrapper
+        modes += [f"{m}, compiled" for m in modes]
     rows = {}
     for dtype in args.dtypes.split(","):
         precision = Precision(device, dtype)
-        models = {(mode, impl): m for mode in modes
+        models = {(mode, impl): m for mode in modes if not mode.endswith("compiled")
                   for impl, m in zip(("lmlab", "transformers"), smollm2_models(mode, device, dtype))}
+        if args.compile:
+            models |= {(f"{mode}, compiled", impl): torch.compile(m) for (mode, impl), m in list(models.items())}
+            for key, model in models.items():  # compile outside the timed rounds
+                if key[0].endswith("compiled"):
+                    t = time.perf_counter()
+                    time_steps(key[1], model, batches, precision, 1)
+                    print(f"{dtype} {key[0]} {key[1]}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
         best = dict.fromkeys(models, float("inf"))
         for _ in range(args.rounds):
             for key, model in models.items():
@@ -316,12 +327,13 @@ def _finetune_table(rows: dict, modes: list[str], device, args) -> str:
              f"at the end); torch {torch.__version__}; SmolLM2-135M shape, batch {args.batch} x context "
              f"{args.context}, AdamW over the trainable parameters, LoRA r 16 alpha 32 no dropout; best of "
              f"{args.rounds} interleaved rounds of {args.steps} steps; command: `python benchmarks/"
-             f"train_throughput.py --model smollm2-135m --dtypes {args.dtypes}`", "",
+             f"train_throughput.py --model smollm2-135m --dtypes {args.dtypes}"
+             f"{' --compile' if args.compile else ''} --rounds {args.rounds} --steps {args.steps}`", "",
              "| dtype | mode | lmlab tokens/s | transformers(+peft) tokens/s | lmlab / transformers | "
              "lmlab / lmlab full |", "|---|---|---:|---:|---:|---:|"]
     for dtype in args.dtypes.split(","):
-        full = rows[(dtype, "full", "lmlab")]
         for mode in modes:
+            full = rows[(dtype, "full, compiled" if mode.endswith("compiled") else "full", "lmlab")]
             ours, theirs = rows[(dtype, mode, "lmlab")], rows[(dtype, mode, "transformers")]
             lines.append(f"| {dtype} | {mode} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x | {ours / full:.2f}x |")
     return "\n".join(lines) + "\n"
