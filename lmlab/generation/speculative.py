@@ -98,7 +98,7 @@ class PromptLookup:
     """Drafts from n-grams of the prompt and the text so far; no model, no cache.
 
     A match of 2 tokens at least by default: after a 1-token match the drafts are mostly wrong (on DialogSum
-    with SmolLM2, 20% of them accepted against 43% after 2-token matches), and each draft widens the verify
+    with SmolLM2, 20% of them accepted against 41% after 2-token matches), and each draft widens the verify
     forward, which costs more than a plain step (benchmarks/RESULTS.md)."""
 
     cache = None
