@@ -101,15 +101,16 @@ def verify_costs(model, widths: range, prompt_len: int = 300, repeats: int = 15)
 
 def bench(model, drafters: dict, prompts: list[list[int]], cfg: GenerationConfig, stop: tuple[int, ...]) -> dict:
     cfg = GenerationConfig(cfg.max_new_tokens, cfg.sampling, stop, seed=cfg.seed)
-    rows = {name: {"time": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "steps": 0, "ratios": [], "same": 0}
-            for name in ["plain", *drafters]}
+    rows = {name: {"time": 0.0, "tokens": 0, "drafted": 0, "accepted": 0, "steps": 0, "ratios": [], "same": 0,
+                   "replay_tokens": 0, "replay_forwards": 0} for name in ["plain", *drafters]}
     for prompt in prompts:
         t_plain, plain, _ = timed(lambda s, prompt=prompt: generate_ids(model, [prompt], cfg)[0])
         rows["plain"]["time"] += t_plain
         rows["plain"]["tokens"] += len(plain)
         for name, make in drafters.items():
-            t, out, stats = timed(lambda s, prompt=prompt, make=make:
-                                  speculative_generate_ids(model, [prompt], cfg, make(), stats=s)[0])
+            drafter = make()  # (a fresh one per run: a draft model keeps a cache per call)
+            t, out, stats = timed(lambda s, prompt=prompt, drafter=drafter:
+                                  speculative_generate_ids(model, [prompt], cfg, drafter, stats=s)[0])
             r = rows[name]
             r["time"] += t
             r["tokens"] += len(out)
@@ -117,11 +118,10 @@ def bench(model, drafters: dict, prompts: list[list[int]], cfg: GenerationConfig
             r["ratios"].append((len(out) / t) / (len(plain) / t_plain))
             for key in ("drafted", "accepted", "steps"):
                 r[key] += stats[key]
-            drafter = make()
             if isinstance(drafter, PromptLookup):
                 tokens, forwards = replay(prompt, plain, drafter, cfg.max_new_tokens)
-                r["replay_tokens"] = r.get("replay_tokens", 0) + tokens
-                r["replay_forwards"] = r.get("replay_forwards", 0) + forwards
+                r["replay_tokens"] += tokens
+                r["replay_forwards"] += forwards
     return rows
 
 
@@ -136,7 +136,7 @@ def table(name: str, rows: dict, n_prompts: int) -> list[str]:
             lines.append(f"| | plain | {tps:.1f} | 1.00x | | | 1.00 | | |")
             continue
         acc = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
-        bound = f"{r['replay_tokens'] / r['replay_forwards']:.2f}" if r.get("replay_forwards") else "-"
+        bound = f"{r['replay_tokens'] / r['replay_forwards']:.2f}" if r["replay_forwards"] else "-"
         lines.append(f"| | {label} | {tps:.1f} | {tps / base:.2f}x | {statistics.median(r['ratios']):.2f}x | "
                      f"{acc:.2f} | {r['tokens'] / max(r['steps'], 1):.2f} | {bound} | {r['same']}/{n_prompts} |")
     return lines
