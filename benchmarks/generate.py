@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from lmlab.compat.llama_cpp import no_extra_buffer_types
 from lmlab.generation.generate import GenerationConfig, encode_prompt, generate_ids
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.paths import data_dir, smollm2_gguf
-from lmlab.precision import cpu_has_bf16
+from lmlab.precision import cpu_has_bf16, cpu_name
 from lmlab.tokenization import load_tokenizer
 from lmlab.weights.loading import load_model
 
@@ -312,15 +311,6 @@ def main() -> None:
         from train_throughput import write_section  # the sibling script's RESULTS.md section writer
 
         write_section(report, HEADING)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (results differ most between CPU kinds), else the architecture."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _report(weight_bytes: dict[str, int], results, memory, bw: float, args, crashed: list[str]) -> str:

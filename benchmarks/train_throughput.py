@@ -24,7 +24,7 @@ import torch
 
 from lmlab.model.config import get_preset
 from lmlab.model.transformer import Transformer
-from lmlab.precision import Precision, measure_matmul_peak, resolve_device
+from lmlab.precision import Precision, cpu_name, measure_matmul_peak, resolve_device
 from lmlab.train.loop import FitConfig, fit
 from lmlab.train.losses import lm_loss
 from lmlab.train.optim import build_optimizer
@@ -323,7 +323,8 @@ def finetune_main(args) -> None:
 
 def _finetune_table(rows: dict, modes: list[str], device, args) -> str:
     load = os.getloadavg()[0]
-    lines = [f"Device: {device.type} ({platform.machine()}, {torch.get_num_threads()} threads, load average {load:.1f} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    lines = [f"Device: {device.type} ({where}, {torch.get_num_threads()} threads, load average {load:.1f} "
              f"at the end); torch {torch.__version__}; SmolLM2-135M shape, batch {args.batch} x context "
              f"{args.context}, AdamW over the trainable parameters, LoRA r 16 alpha 32 no dropout; best of "
              f"{args.rounds} interleaved rounds of {args.steps} steps; command: `python benchmarks/"

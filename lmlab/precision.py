@@ -12,6 +12,7 @@ rejected before any work starts.
 from __future__ import annotations
 
 import contextlib
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -150,6 +151,16 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for benchmark tables (results differ most between CPU kinds: an AMX Xeon and
+    an AVX512-BF16 EPYC rank the same kernels differently), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def auto_dtype_name(device: torch.device) -> str:

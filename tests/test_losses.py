@@ -79,3 +79,31 @@ def test_no_grad_takes_the_direct_path() -> None:
     h, y = torch.randn(5, 8), torch.randint(0, 20, (5,))
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, head, y), F.cross_entropy(head(h), y, reduction="sum"))
+
+
+def test_frozen_head_cast_is_reused_and_follows_in_place_changes() -> None:
+    """A frozen fp32 head under bf16 autocast is cast to bf16 once, not every step; changing the weight
+    in place (a LoRA merge, a load) must give the new weight's loss, never the stale copy's."""
+    torch.manual_seed(3)
+    head = nn.Linear(16, 200, bias=False).requires_grad_(False)
+    h = torch.randn(12, 16, requires_grad=True)
+    y = torch.randint(0, 200, (12,))
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_cross_entropy(h, head, y)
+
+    def ref() -> torch.Tensor:
+        w = head.weight.to(torch.bfloat16)
+        return F.cross_entropy((h.detach().to(torch.bfloat16) @ w.T).float(), y, reduction="sum")
+
+    first = loss()
+    torch.testing.assert_close(first, ref(), rtol=1e-3, atol=0.0)
+    torch.testing.assert_close(loss(), first, rtol=0.0, atol=0.0)  # same copy, same answer
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    changed = loss()
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, ref(), rtol=1e-3, atol=0.0)
+    head.weight.data = torch.randn(200, 16)  # new storage
+    torch.testing.assert_close(loss(), ref(), rtol=1e-3, atol=0.0)
