@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 import httpx
 
 from lmlab.paths import REPO_ROOT, data_dir, smollm2_gguf
+from lmlab.precision import cpu_name
 from lmlab.tokenization import load_tokenizer
 
 MAX_TOKENS = 128  # default of --max-tokens
@@ -182,7 +182,7 @@ def main() -> None:
     if args.record:
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())
         header = (f"\n## Serving: lmlab serve vs llama-cpp-python server ({time.strftime('%Y-%m-%d')}, "
-                  f"{platform.processor() or platform.machine()}, {args.threads} threads, load after {load})\n\n"
+                  f"{cpu_name()}, {args.threads} threads, load after {load})\n\n"
                   f"SmolLM2-135M-Instruct, the same Q4_1 GGUF (lmlab: {args.quantize} weights"
                   f"{', --speculative ' + args.speculative if args.speculative else ''}; llama.cpp: Q4_1 native), "
                   f"streamed chat completions of Alpaca instructions, greedy, max_tokens {args.max_tokens}; command: "
