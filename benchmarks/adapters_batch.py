@@ -11,7 +11,6 @@ shape); each mode is timed over interleaved rounds and the median step is report
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from lmlab.adapters.lora import LoRAConfig, adapters_per_row, add_adapter, set_active_adapter
 from lmlab.model.kv_cache import KVCache
-from lmlab.precision import inference_dtype
+from lmlab.precision import cpu_name, inference_dtype
 from lmlab.weights.loading import load_model
 
 CONTEXT = 256
@@ -82,7 +81,7 @@ def main() -> None:
     if args.record:
         load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
         header = (f"\n## Mixed-adapter decode step ({time.strftime('%Y-%m-%d')}, "
-                  f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load {load})\n\n"
+                  f"{cpu_name()}, {torch.get_num_threads()} threads, load {load})\n\n"
                   f"SmolLM2-135M-Instruct {str(dtype).removeprefix('torch.')}, {B} rows, context {CONTEXT}, "
                   f"LoRA r 16 on wq, wv; median of {args.rounds - 2} interleaved rounds; command: "
                   f"`python benchmarks/adapters_batch.py`\n\n")

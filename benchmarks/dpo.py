@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -179,7 +178,9 @@ def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     extra = {e: statistics.median([r["peak_rss_mb"] - r["rss_after_load_mb"] for r in rs]) for e, rs in results.items()}
     import trl
 
-    where = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
+    from lmlab.precision import cpu_name  # lmlab is imported in the functions here, as the engines do
+
+    where = f"{cpu_name()}, {args.threads} thread(s)"
     load = os.getloadavg()[0]
     lines = [
         (f"Device: cpu ({where}, load average {load:.1f} at the end: a shared machine, compare rows of one table "

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from lmlab.model.decode import FastDecoder
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.quantize import quantize_int8
 from lmlab.paths import data_dir
-from lmlab.precision import inference_dtype
+from lmlab.precision import cpu_name, inference_dtype
 from lmlab.weights.loading import load_model
 
 
@@ -177,7 +176,7 @@ def main() -> None:
     if args.record:
         load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
         header = (f"\n## Speculative decoding, batch 1 ({time.strftime('%Y-%m-%d')}, "
-                  f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, load {load})\n\n"
+                  f"{cpu_name()}, {torch.get_num_threads()} threads, load {load})\n\n"
                   f"SmolLM2-135M-Instruct {str(dtype).removeprefix('torch.')}"
                   f"{' int8 weights' if args.quantize == 'int8' else ''}"
                   f"{' (--quantize auto: Q4_1 packed int4)' if args.quantize == 'auto' else ''}, greedy, chat template, up to "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from lmlab.model.config import get_preset
 from lmlab.model.transformer import Transformer
-from lmlab.precision import Precision, cpu_name, measure_matmul_peak, resolve_device
+from lmlab.precision import Precision, cpu_name, device_name, measure_matmul_peak, resolve_device
 from lmlab.train.loop import FitConfig, fit
 from lmlab.train.losses import lm_loss
 from lmlab.train.optim import build_optimizer
@@ -145,8 +144,7 @@ def main() -> None:
 
 
 def _table(rows, device, args) -> str:
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
     load = ", load average %.1f at the end (a shared machine: compare rows of one table only)" % os.getloadavg()[0]
     lines = [f"Device: {device.type} ({where}{load}); torch {torch.__version__}; stories15M shape, batch {args.batch} x "
              f"context 256; best of {args.rounds} rounds of {args.steps} steps; command: "
@@ -213,7 +211,7 @@ def lora_main(args) -> None:
     batches = [{"input_ids": x[:, :-1].to(device), "labels": x[:, 1:].to(device)}
                for x in (torch.randint(0, 32000, (args.batch, T + 1), generator=g) for _ in range(4))]
     tokens = args.steps * args.batch * T
-    lines = [f"Device: {device.type} ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}; "
+    lines = [f"Device: {device.type} ({device_name(device)}, {torch.get_num_threads()} threads); torch {torch.__version__}; "
              f"stories15M shape, LoRA r 8 alpha 16 on q,v, batch {args.batch} x context {T}; best of {args.rounds} "
              f"rounds of {args.steps} steps; command: `python benchmarks/train_throughput.py --lora --dtypes {args.dtypes}`",
              "", "| dtype | implementation | tokens/s | lmlab / peft |", "|---|---|---:|---:|"]
@@ -323,8 +321,7 @@ def finetune_main(args) -> None:
 
 def _finetune_table(rows: dict, modes: list[str], device, args) -> str:
     load = os.getloadavg()[0]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    lines = [f"Device: {device.type} ({where}, {torch.get_num_threads()} threads, load average {load:.1f} "
+    lines = [f"Device: {device.type} ({device_name(device)}, {torch.get_num_threads()} threads, load average {load:.1f} "
              f"at the end); torch {torch.__version__}; SmolLM2-135M shape, batch {args.batch} x context "
              f"{args.context}, AdamW over the trainable parameters, LoRA r 16 alpha 32 no dropout; best of "
              f"{args.rounds} interleaved rounds of {args.steps} steps; command: `python benchmarks/"

@@ -163,6 +163,11 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def device_name(device: torch.device) -> str:
+    """The accelerator's name on CUDA, else the CPU's (`cpu_name`): the device line of benchmark tables."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def auto_dtype_name(device: torch.device) -> str:
     """precision.dtype=auto: bf16 autocast where the hardware does bf16 matmuls natively, else fp32."""
     if device.type == "cuda":

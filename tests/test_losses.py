@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.train.losses import linear_cross_entropy
+from lmlab.train.losses import _compute_weight, linear_cross_entropy
 
 
 @pytest.mark.parametrize("frozen_head", [False, True])
@@ -99,6 +99,8 @@ def test_frozen_head_cast_is_reused_and_follows_in_place_changes() -> None:
 
     first = loss()
     torch.testing.assert_close(first, ref(), rtol=1e-3, atol=0.0)
+    cast = _compute_weight(head.weight, torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and _compute_weight(head.weight, torch.bfloat16) is cast  # cast once
     torch.testing.assert_close(loss(), first, rtol=0.0, atol=0.0)  # same copy, same answer
     with torch.no_grad():
         head.weight.mul_(3.0)
