@@ -29,6 +29,7 @@ from lmlab.generation.generate import GenerationConfig, encode_prompt, generate
 from lmlab.generation.sampling import SamplingConfig
 from lmlab.generation.speculative import DraftModel, PromptLookup
 from lmlab.paths import REPO_ROOT
+from lmlab.serve import engine as engine_module
 from lmlab.serve.app import Served, create_app
 from lmlab.serve.engine import Engine, EngineConfig
 from lmlab.tokenization import decode_continuation
@@ -245,8 +246,18 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(stories) -> None:
         assert httpx.get(f"{url}/v1/nothing").status_code == 404
 
 
-def test_queue_limit_503_disconnect_frees_the_slot_and_time_limit(stories) -> None:
+def test_queue_limit_503_disconnect_frees_the_slot_and_time_limit(stories, monkeypatch) -> None:
+    """Each decode step takes at least 5 ms here, so 500 tokens take >= 2.5 s whatever the CPU: the client's
+    disconnect (milliseconds after its first chunk) always lands mid-stream. The time limit runs on a clock
+    that advances 50 ms each time the engine reads it, so it fires after a few steps on any machine."""
     model, tok = stories
+    step = Engine._step
+
+    def slow_step(self) -> None:
+        time.sleep(0.005)
+        step(self)
+
+    monkeypatch.setattr(Engine, "_step", slow_step)
     with running(model, tok, max_batch=1, max_queue=1, context=512) as (url, engine):
         body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as first:
@@ -269,10 +280,21 @@ def test_queue_limit_503_disconnect_frees_the_slot_and_time_limit(stories) -> No
         assert engine.stats["tokens"] < 500  # the disconnected stream stopped early
         ok = client(url).completions.create(model="base", prompt="The cat", max_tokens=4, temperature=0)
         assert ok.choices[0].finish_reason == "length"
+    monkeypatch.setattr(Engine, "_step", step)
+    ticks = iter(range(10**9))
+
+    class Clock:
+        """time.monotonic for the engine alone: 50 ms more on every read."""
+
+        @staticmethod
+        def monotonic() -> float:
+            return 0.05 * next(ticks)
+
+    monkeypatch.setattr(engine_module, "time", Clock)
     with running(model, tok, timeout_s=0.3, context=512) as (url, _):
         slow = client(url).completions.create(model="base", prompt="Once upon a time", max_tokens=500,
                                               temperature=0, stop=["never appears"])
-        assert slow.choices[0].finish_reason == "length" and slow.usage.completion_tokens < 500
+        assert slow.choices[0].finish_reason == "length" and 0 < slow.usage.completion_tokens < 20
 
 
 def test_the_serve_command_with_an_api_key_and_lmlab_generate_parity(shared_data, tmp_path: Path) -> None:
