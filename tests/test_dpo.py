@@ -346,6 +346,32 @@ def test_tiny_dpo_run_raises_reward_accuracy_on_its_training_pairs(tmp_path, tok
     assert run_dpo(cfg)["train"]["steps"] == s["train"]["steps"]
 
 
+def test_checkpoint_best_keeps_the_step_with_the_lowest_validation_loss(tmp_path, tok, shared_data):
+    """With checkpoint.best the saved adapter (and the after-training test scores) is the evaluated step
+    with the lowest validation DPO loss: its weights are checkpoints/best's, the first such step on ties."""
+    from safetensors.torch import load_file
+
+    save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
+    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:16]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    s = run_dpo(load_config(None, _recipe(tmp_path, data, [
+        "train.max_steps=8", "train.eval_every=2", "checkpoint.best=true", "checkpoint.every=0", "optim.lr=2e-2"]),
+        schema=DPOConfig))
+    run = tmp_path / "run"
+    val = [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "val"]
+    assert [r["step"] for r in val] == [2, 4, 6, 8]
+    chosen = min(val, key=lambda r: r["loss"])
+    assert s["train"]["kept_step"] == chosen["step"] == s["train"]["best"]["step"]
+    best = load_file(str(run / "checkpoints" / "best" / "trainable.safetensors"))
+    saved = load_file(str(run / "adapters" / "dpo" / "adapter.safetensors"))
+    final = load_file(str(run / "checkpoints" / "step_0000008" / "trainable.safetensors"))
+    assert len(best) == len(saved) > 0
+    for key, tensor in best.items():  # (a checkpoint names the adapter: wq.lora_a.dpo.weight)
+        assert torch.equal(saved[key.replace(".dpo.", ".")], tensor), key
+    assert chosen is val[-1] or any(not torch.equal(final[k], t) for k, t in best.items())  # not the last step
+
+
 @pytest.mark.slow
 def test_precomputed_and_full_runs_use_their_references(tmp_path, tok, shared_data):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)

@@ -153,6 +153,33 @@ def test_tiny_reward_run_learns_saves_its_head_and_scores_files(tmp_path, tok, s
         single.tolist(), abs=1e-4)
 
 
+def test_checkpoint_best_keeps_the_step_with_the_best_validation_accuracy(tmp_path, tok, shared_data):
+    """With checkpoint.best the saved model (and its test scores) is the evaluated step whose validation
+    accuracy was highest, the first such step on ties: scored again, the saved model gives that accuracy."""
+    save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
+    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:48]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    s = run_reward(load_config(None, _overrides(tmp_path, data, [
+        "train.max_steps=12", "train.eval_every=2", "checkpoint.best=true", "checkpoint.every=0", "optim.lr=1e-2"]),
+        schema=RewardConfig))
+    run = tmp_path / "rm"
+    val = [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "val"]
+    assert [r["step"] for r in val] == [2, 4, 6, 8, 10, 12]
+    best = max(r["accuracy"] for r in val)
+    chosen = next(r for r in val if r["accuracy"] == best)
+    assert s["train"]["kept_step"] == chosen["step"] == s["train"]["best"]["step"]  # (step 4 of 12 here)
+    assert s["train"]["best"] == {"metric": "val.accuracy", "value": best, "step": chosen["step"]}
+    again = score_file(run, run / "pairs" / "val.jsonl", dtype="fp32")  # the saved model is that step's
+    assert again["accuracy"]["value"] == pytest.approx(best, abs=1e-9)
+    assert again["margin"]["value"] == pytest.approx(chosen["margin"], abs=1e-5)
+    assert chosen is val[-1] or chosen["margin"] != pytest.approx(val[-1]["margin"], abs=1e-5)  # not the last step's
+    saved = [json.loads(x) for x in (run / "test-scores.jsonl").read_text().splitlines()]
+    rescored = score_file(run, run / "pairs" / "test.jsonl", dtype="fp32")
+    assert rescored["accuracy"]["value"] == s["test"]["accuracy"]["value"]
+    assert len(saved) == rescored["accuracy"]["n"]
+
+
 def test_full_reward_model_saves_weights_and_head(tmp_path, tok, shared_data):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
     lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:8]

@@ -124,6 +124,14 @@ class DPOEvalSection(SamplingConfig):
     """Sampling temperature of the check (fixed seed: train.seed)."""
 
 
+class DPOCheckpoints(AdapterCheckpoints):
+    """Adapter (or model) checkpoints every N steps, and resume."""
+
+    best: bool = False
+    """Keep checkpoints/best at the lowest validation DPO loss (evaluated every train.eval_every steps, else
+    once per epoch), and test, sample and save that state rather than the last one."""
+
+
 class DPOConfig(RecipeConfig):
     """A DPO run (`lmlab dpo`)."""
 
@@ -147,8 +155,8 @@ class DPOConfig(RecipeConfig):
     """Learning-rate schedule."""
     precision: BF16Precision = Field(default_factory=BF16Precision)
     """Device and autocast dtype."""
-    checkpoint: AdapterCheckpoints = Field(default_factory=AdapterCheckpoints)
-    """Checkpoints every N steps and resume."""
+    checkpoint: DPOCheckpoints = Field(default_factory=DPOCheckpoints)
+    """Checkpoints every N steps and resume; optionally end on the lowest validation loss."""
     eval: DPOEvalSection = Field(default_factory=DPOEvalSection)
     """Held-out pairs and the generation-level check."""
     export_peft: bool = True

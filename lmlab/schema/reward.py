@@ -40,6 +40,14 @@ class RewardOptimSection(DPOOptimSection):
     """Peak learning rate."""
 
 
+class RewardCheckpoints(AdapterCheckpoints):
+    """Adapter + head checkpoints every N steps, and resume."""
+
+    best: bool = False
+    """Keep checkpoints/best at the highest validation accuracy (evaluated every train.eval_every steps, else
+    once per epoch), and test and save that state rather than the last one."""
+
+
 class RewardConfig(RecipeConfig):
     """A reward-model run (`lmlab reward`)."""
 
@@ -61,7 +69,7 @@ class RewardConfig(RecipeConfig):
     """Learning-rate schedule."""
     precision: BF16Precision = Field(default_factory=BF16Precision)
     """Device and autocast dtype."""
-    checkpoint: AdapterCheckpoints = Field(default_factory=AdapterCheckpoints)
-    """Checkpoints every N steps and resume."""
+    checkpoint: RewardCheckpoints = Field(default_factory=RewardCheckpoints)
+    """Checkpoints every N steps and resume; optionally end on the best validation accuracy."""
     eval: RewardEvalSection = Field(default_factory=RewardEvalSection)
     """Held-out scoring."""

@@ -110,11 +110,16 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
             {**g, "lr": o.lr * cfg.reward.head_lr_mult} for g in param_groups(model.head, o.weight_decay)]
         result = session.fit(model, partial(reward_loss, center=cfg.reward.center), batches, max_steps=max_steps,
                              steps_per_epoch=batches.steps_per_epoch, evaluate=validation if val else None,
-                             groups=groups, trainable_only=True,  # a SequenceClassifier is no Transformer checkpoint
+                             select="val.accuracy", mode="max", groups=groups,
+                             trainable_only=True,  # a SequenceClassifier is no Transformer checkpoint
                              flops_per_token=model.backbone.flops_per_token(cfg.data.max_len), tokenizer=tok)
+        kept = result.progress.step
+        if val and cfg.checkpoint.best and session.load_best(model):  # test and save the step validation chose
+            kept = result.progress.best_step
         summary: dict[str, Any] = {"method": cfg.reward.method, "model": loaded.source,
                                    "data": {**info, **{k: v.summary() for k, v in data.items()}},
-                                   "train": session.summary(model, result, pairs=len(data["train"].pairs))}
+                                   "train": session.summary(model, result, pairs=len(data["train"].pairs),
+                                                            kept_step=kept)}
         test = data["test"].pairs
         if test:
             rewards = pair_rewards(model, test, cfg.eval.batch_size, pad, precision)
@@ -131,7 +136,9 @@ def _line(out: Path, s: dict[str, Any]) -> str:
     tr = s["train"]
     acc = s.get("test", {}).get("accuracy")
     test = f", test accuracy {acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] (n={acc['n']})" if acc else ""
-    return f"{out}: reward model: train_loss {tr['train_loss']:.4f}{test}, {tr['steps']} steps in {tr['train_time_s']:.1f} s"
+    kept = f" (kept step {tr['kept_step']}, best validation accuracy)" if tr.get("kept_step", tr["steps"]) != tr["steps"] else ""
+    return (f"{out}: reward model: train_loss {tr['train_loss']:.4f}{test}, {tr['steps']} steps{kept} in "
+            f"{tr['train_time_s']:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------------- save/load
