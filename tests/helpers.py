@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,3 +26,17 @@ def tiny_smol(vocab: int = 49152, seed: int | None = None) -> Transformer:
         torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
                                    max_seq_len=512))
+
+
+def hh_pairs(shared_data: Path, tmp_path: Path, n: int) -> Path:
+    """The first n HH-RLHF harmless pairs as a JSONL file of their own (a tiny preference run's data)."""
+    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:n]
+    data = tmp_path / "hh.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def val_rows(run: Path) -> list[dict]:
+    """A run's validation rows of metrics.jsonl, in step order."""
+    rows = (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r.get("split") == "val"]

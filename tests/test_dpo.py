@@ -12,7 +12,8 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import tiny_smol
+from safetensors.torch import load_file
+from helpers import hh_pairs, tiny_smol, val_rows
 
 from lmlab.adapters.lora import apply_lora, lora_modules
 from lmlab.cli import main
@@ -311,9 +312,7 @@ def _recipe(tmp_path, data, extra=()) -> list[str]:
 @pytest.mark.slow
 def test_tiny_dpo_run_raises_reward_accuracy_on_its_training_pairs(tmp_path, tok, shared_data):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
-    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:16]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = hh_pairs(shared_data, tmp_path, 16)
     cfg = load_config(None, _recipe(tmp_path, data, ["train.max_steps=18", "optim.lr=3e-3"]), schema=DPOConfig)
     s = run_dpo(cfg)
     run = tmp_path / "run"
@@ -349,17 +348,13 @@ def test_tiny_dpo_run_raises_reward_accuracy_on_its_training_pairs(tmp_path, tok
 def test_checkpoint_best_keeps_the_step_with_the_lowest_validation_loss(tmp_path, tok, shared_data):
     """With checkpoint.best the saved adapter (and the after-training test scores) is the evaluated step
     with the lowest validation DPO loss: its weights are checkpoints/best's, the first such step on ties."""
-    from safetensors.torch import load_file
-
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
-    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:16]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = hh_pairs(shared_data, tmp_path, 16)
     s = run_dpo(load_config(None, _recipe(tmp_path, data, [
         "train.max_steps=8", "train.eval_every=2", "checkpoint.best=true", "checkpoint.every=0", "optim.lr=2e-2"]),
         schema=DPOConfig))
     run = tmp_path / "run"
-    val = [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "val"]
+    val = val_rows(run)
     assert [r["step"] for r in val] == [2, 4, 6, 8]
     chosen = min(val, key=lambda r: r["loss"])
     assert s["train"]["kept_step"] == chosen["step"] == s["train"]["best"]["step"]
@@ -375,9 +370,7 @@ def test_checkpoint_best_keeps_the_step_with_the_lowest_validation_loss(tmp_path
 @pytest.mark.slow
 def test_precomputed_and_full_runs_use_their_references(tmp_path, tok, shared_data):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
-    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:8]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = hh_pairs(shared_data, tmp_path, 8)
     base = _recipe(tmp_path, data, ["train.max_steps=2", f"dpo.cache_dir={tmp_path / 'cache'}"])
     runs = {}
     for name, extra in [("lora", []), ("cached", ["dpo.precompute_reference=true"]),
@@ -399,9 +392,8 @@ def test_precomputed_and_full_runs_use_their_references(tmp_path, tok, shared_da
 
 def test_bad_data_is_one_line_error_and_leaves_an_earlier_run_untouched(tmp_path, tok, shared_data, capsys):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
-    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:8]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = hh_pairs(shared_data, tmp_path, 8)
+    lines = data.read_text().splitlines()
     recipe = tmp_path / "dpo.yaml"
     recipe.write_text("train: {max_steps: 1}\n")
     args = ["dpo", str(recipe), *_recipe(tmp_path, data)]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_smol
+from helpers import hh_pairs, tiny_smol, val_rows
 from torch import nn
 
 from lmlab.cli import main
@@ -113,9 +113,7 @@ def _overrides(tmp_path, data, extra=()) -> list[str]:
 @pytest.mark.slow
 def test_tiny_reward_run_learns_saves_its_head_and_scores_files(tmp_path, tok, shared_data, capsys):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
-    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:16]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = hh_pairs(shared_data, tmp_path, 16)
     cfg = load_config(None, _overrides(tmp_path, data, ["train.max_steps=18", "optim.lr=3e-3", "reward.center=0.01"]),
                       schema=RewardConfig)
     s = run_reward(cfg)
@@ -157,14 +155,12 @@ def test_checkpoint_best_keeps_the_step_with_the_best_validation_accuracy(tmp_pa
     """With checkpoint.best the saved model (and its test scores) is the evaluated step whose validation
     accuracy was highest, the first such step on ties: scored again, the saved model gives that accuracy."""
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
-    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:48]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = hh_pairs(shared_data, tmp_path, 48)
     s = run_reward(load_config(None, _overrides(tmp_path, data, [
         "train.max_steps=12", "train.eval_every=2", "checkpoint.best=true", "checkpoint.every=0", "optim.lr=1e-2"]),
         schema=RewardConfig))
     run = tmp_path / "rm"
-    val = [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "val"]
+    val = val_rows(run)
     assert [r["step"] for r in val] == [2, 4, 6, 8, 10, 12]
     best = max(r["accuracy"] for r in val)
     chosen = next(r for r in val if r["accuracy"] == best)
@@ -182,9 +178,7 @@ def test_checkpoint_best_keeps_the_step_with_the_best_validation_accuracy(tmp_pa
 
 def test_full_reward_model_saves_weights_and_head(tmp_path, tok, shared_data):
     save_checkpoint(tiny(), tmp_path / "base", tokenizer=tok)
-    lines = (shared_data / "hh-rlhf-harmless-base" / "test.jsonl").read_text().splitlines()[:8]
-    data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data = hh_pairs(shared_data, tmp_path, 8)
     s = run_reward(load_config(None, _overrides(tmp_path, data, ["train.max_steps=2", "reward.method=full",
                                                                  "optim.lr=1e-2"]), schema=RewardConfig))
     run = tmp_path / "rm"
