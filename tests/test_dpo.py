@@ -12,8 +12,8 @@ from functools import partial
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers import hh_pairs, tiny_smol, val_rows
+from safetensors.torch import load_file
 
 from lmlab.adapters.lora import apply_lora, lora_modules
 from lmlab.cli import main
