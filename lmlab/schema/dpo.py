@@ -128,8 +128,9 @@ class DPOCheckpoints(AdapterCheckpoints):
     """Adapter (or model) checkpoints every N steps, and resume."""
 
     best: bool = False
-    """Keep checkpoints/best at the lowest validation DPO loss (evaluated every train.eval_every steps, else
-    once per epoch), and test, sample and save that state rather than the last one."""
+    """Keep checkpoints/best at the lowest validation DPO loss (evaluated every train.eval_every steps; else
+    once per epoch, or only at the end of a run sized by train.max_steps), and test, sample and save that
+    state rather than the last one."""
 
 
 class DPOConfig(RecipeConfig):

@@ -44,8 +44,9 @@ class RewardCheckpoints(AdapterCheckpoints):
     """Adapter + head checkpoints every N steps, and resume."""
 
     best: bool = False
-    """Keep checkpoints/best at the highest validation accuracy (evaluated every train.eval_every steps, else
-    once per epoch), and test and save that state rather than the last one."""
+    """Keep checkpoints/best at the highest validation accuracy (evaluated every train.eval_every steps; else
+    once per epoch, or only at the end of a run sized by train.max_steps), and test and save that state rather
+    than the last one."""
 
 
 class RewardConfig(RecipeConfig):
