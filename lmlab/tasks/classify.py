@@ -178,9 +178,7 @@ def train_classifier(session: Session, cfg: ClassifyConfig, model: SequenceClass
                          select="dev.accuracy", mode="max", groups=head_groups(cfg, model), trainable_only=True,
                          flops_per_token=model.backbone.flops_per_token(cfg.data.max_len), tokenizer=tokenizer)
     p = result.progress
-    kept = p.step
-    if dev and cfg.checkpoint.best and session.load_best(model):
-        kept = p.best_step
+    kept = session.end_on_best(model, result, evaluated=dev)
     summary = session.summary(model, result, best_step=kept, epochs=p.step / batches.steps_per_epoch,
                               examples_per_s=p.step * t.batch_size * t.grad_accum / max(p.elapsed_s, 1e-9))
     return summary, ({"dev": dev_preds[kept]} if kept in dev_preds else {})

@@ -114,9 +114,7 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
         result = session.fit(model, objective, batches, max_steps=max_steps, steps_per_epoch=steps_per_epoch,
                              val_data=val_batches, trainable_only=d.method == "lora",
                              flops_per_token=model.flops_per_token(cfg.data.max_len), tokenizer=tok)
-        kept = result.progress.step
-        if pairs["val"] and cfg.checkpoint.best and session.load_best(model):  # the step validation chose
-            kept = result.progress.best_step
+        kept = session.end_on_best(model, result, evaluated=bool(pairs["val"]))  # with checkpoint.best
         summary["train"] = session.summary(model, result, pairs=len(pairs["train"]), kept_step=kept)
         if pairs["test"]:
             policy = pair_logps(model, pairs["test"], e.batch_size, pad, session.precision)

@@ -113,9 +113,7 @@ def run_reward(cfg: RewardConfig) -> dict[str, Any]:
                              select="val.accuracy", mode="max", groups=groups,
                              trainable_only=True,  # a SequenceClassifier is no Transformer checkpoint
                              flops_per_token=model.backbone.flops_per_token(cfg.data.max_len), tokenizer=tok)
-        kept = result.progress.step
-        if val and cfg.checkpoint.best and session.load_best(model):  # test and save the step validation chose
-            kept = result.progress.best_step
+        kept = session.end_on_best(model, result, evaluated=bool(val))  # test and save that step
         summary: dict[str, Any] = {"method": cfg.reward.method, "model": loaded.source,
                                    "data": {**info, **{k: v.summary() for k, v in data.items()}},
                                    "train": session.summary(model, result, pairs=len(data["train"].pairs),
@@ -136,7 +134,7 @@ def _line(out: Path, s: dict[str, Any]) -> str:
     tr = s["train"]
     acc = s.get("test", {}).get("accuracy")
     test = f", test accuracy {acc['value']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] (n={acc['n']})" if acc else ""
-    kept = f" (kept step {tr['kept_step']}, best validation accuracy)" if tr.get("kept_step", tr["steps"]) != tr["steps"] else ""
+    kept = f" (kept step {tr['kept_step']}, best validation accuracy)" if tr["kept_step"] != tr["steps"] else ""
     return (f"{out}: reward model: train_loss {tr['train_loss']:.4f}{test}, {tr['steps']} steps{kept} in "
             f"{tr['train_time_s']:.1f} s")
 

@@ -308,9 +308,7 @@ def run_train(cfg: VerifierConfig) -> dict[str, Any]:
                              evaluate=heldout_auc if held else None, select="heldout.auc", mode="max", groups=groups,
                              trainable_only=v.method == "lora",
                              flops_per_token=model.backbone.flops_per_token(cfg.data.max_len), tokenizer=tok)
-        kept = result.progress.step
-        if held and cfg.checkpoint.best and session.load_best(model):
-            kept = result.progress.best_step
+        kept = session.end_on_best(model, result, evaluated=bool(held))
         heldout = auc_metrics(scores_of(model, [e for _, e in held], pad, v.eval_batch_size, session.precision), held)
         save_verifier(cfg, model, tok, session.out / "verifier")
         summary = session.summary(model, result, kept_step=kept, heldout=heldout, truncated=cut,

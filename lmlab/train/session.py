@@ -9,6 +9,7 @@ its model and its objective and hands them to a Session, which owns the rest:
     .fit(model, objective, batches, ...) -> DDP/FSDP/compile wrapping, AdamW + schedule, FitConfig,
                     checkpointer, exact resume (falling back past a corrupt newest checkpoint), metrics.jsonl,
                     MFU, the best checkpoint by the task's selection metric
+    .end_on_best(model, result, evaluated) -> with checkpoint.best, that checkpoint's weights; the kept step
     .summary(...) / .finish(...) -> summary.json (atomic) and the one line the run prints
 
 so a new objective is a loss function and a setup, never a new loop or a fifth copy of this file.
@@ -199,13 +200,14 @@ class Session:
             return progress
         return None
 
-    def load_best(self, model: nn.Module) -> bool:
-        """Put checkpoints/best's weights into `model` (the state the selection metric chose)."""
+    def end_on_best(self, model: nn.Module, result: FitResult, evaluated: bool) -> int:
+        """The step a run ends on: with checkpoint.best, a run that evaluated and kept checkpoints/best gets
+        that state's weights put into `model` (the step its selection metric chose); else the last step."""
         best = self.checkpointer.folder / "best"
-        if not best.is_dir():
-            return False
+        if not (evaluated and self.cfg.checkpoint.best and best.is_dir()):
+            return result.progress.step
         load_weights(best, model)
-        return True
+        return result.progress.best_step
 
     # -------------------------------------------------------------------------------------------- results
 
